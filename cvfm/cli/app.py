@@ -1,0 +1,91 @@
+"""The `cvfm` command: a thin Typer layer over the library. Data goes to stdout, logs to stderr."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+import typer
+
+import cvfm
+from cvfm.errors import CvfmError
+
+app = typer.Typer(
+    name="cvfm",
+    help="Computer-vision foundation models from the command line: pre-train, embed, evaluate.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"cvfm {cvfm.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version."
+    ),
+) -> None:
+    """cvfm: one registry, one runtime, composable subcommands."""
+
+
+def emit(record: dict, output: str | None = None) -> None:
+    """One strict JSON line to stdout, or appended to `output`."""
+    line = json.dumps(record, sort_keys=False, allow_nan=False) + "\n"
+    if output and output != "-":
+        with open(output, "a", encoding="utf-8") as f:
+            f.write(line)
+    else:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+
+
+_registered = False
+
+
+def _register() -> None:
+    """Attach the subcommands (once; importing this module already does it)."""
+    global _registered
+    if _registered:
+        return
+    from cvfm.cli import embed, evaluate, models, pretrain
+
+    for module in (models, pretrain, embed):
+        module.register(app)
+    app.add_typer(evaluate.app, name="evaluate")
+    _registered = True
+
+
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM (a killed or pre-empted job) checkpoints like Ctrl-C
+
+
+def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
+    if not sys.stderr.isatty():
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        except ImportError:
+            pass
+    try:
+        app()
+    except CvfmError as e:
+        typer.echo(f"cvfm: error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("cvfm: interrupted", err=True)
+        sys.exit(130)
+
+
+_register()

@@ -1,0 +1,97 @@
+"""`cvfm pretrain`: self-supervised pre-training of a registry backbone."""
+
+from __future__ import annotations
+
+import typer
+
+from cvfm.cli import common
+
+
+def pretrain(
+    data: str = typer.Option(None, "--data", "-d", help=common.DATA_HELP + " Not needed with --resume."),
+    output: str = typer.Option(
+        ..., "--output", "-o", help="Run folder (refused if it exists, see --overwrite)."
+    ),
+    method: str = typer.Option("dino", "--method", "-m", help="simclr, byol or dino."),
+    model: str = typer.Option("cvfm/tiny-resnet", "--model", help="Registry id of the backbone."),
+    pretrained: bool = typer.Option(
+        False, "--pretrained", help="Start from the registry's pretrained weights."
+    ),
+    split: str = typer.Option(None, "--split", help="Split of the data to train on (e.g. train)."),
+    epochs: int = typer.Option(10, "--epochs", min=1),
+    batch_size: int = typer.Option(64, "--batch-size", "-b", min=2, help="Per process."),
+    lr: float = typer.Option(
+        None, "--lr", help="Peak learning rate (default: method's base lr x batch / 256)."
+    ),
+    grad_accum: int = typer.Option(1, "--grad-accum", min=1, help="Gradient accumulation steps."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 (mixed precision)."),
+    seed: int = typer.Option(0, "--seed"),
+    num_workers: int = common.Workers,
+    checkpoint_every: int = typer.Option(500, "--checkpoint-every", min=1, help="Steps between checkpoints."),
+    monitor: str = typer.Option(None, "--monitor", help="Labelled data for an online k-NN each epoch."),
+    log: list[str] = typer.Option(["jsonl"], "--log", help="jsonl (always on), tensorboard, wandb."),
+    opt: list[str] = typer.Option(None, "--opt", help="Method option key=value, e.g. --opt local_crops=4."),
+    image_column: str = common.ImageColumn,
+    label_column: str = common.LabelColumn,
+    strict: bool = common.Strict,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the run in --output from its last checkpoint."
+    ),
+) -> None:
+    """Pre-train a backbone without labels (SimCLR, BYOL, DINO).
+
+    Writes run.json, metrics.jsonl, curves.png, checkpoints/ and backbone/ (safetensors, loadable as
+    --model <run folder> and by timm.create_model('local-dir:<run>/backbone')). Prints the run folder.
+    Ctrl-C or SIGTERM writes a checkpoint first; --resume continues exactly where the run stopped.
+
+    Examples:
+
+      cvfm pretrain --data builtin:animal-mnist --split train --method dino --epochs 5 -o runs/dino
+
+      cvfm pretrain --data photos/ --model timm/resnet18 --method simclr --precision bf16 -o runs/simclr
+
+      accelerate launch -m cvfm pretrain --data photos/ --method byol -o runs/byol
+
+      cvfm pretrain -o runs/dino --resume
+    """
+    from cvfm.cli.app import emit
+    from cvfm.errors import UsageError
+    from cvfm.runtime.trainer import PretrainConfig
+    from cvfm.runtime.trainer import pretrain as run_pretrain
+
+    if not data and not resume:
+        raise UsageError("--data is required (unless --resume continues an existing run)")
+    cfg = PretrainConfig(
+        data=data or "",
+        output=output,
+        method=method,
+        model=model,
+        pretrained=pretrained,
+        split=split,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        grad_accum=grad_accum,
+        precision=precision,
+        seed=seed,
+        num_workers=num_workers,
+        checkpoint_every=checkpoint_every,
+        monitor=monitor,
+        log=tuple(log),
+        options=common.parse_options(opt),
+        image_column=image_column,
+        label_column=label_column,
+        strict=strict,
+        overwrite=overwrite,
+        resume=resume,
+    )
+    path = run_pretrain(cfg)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # one line, also under accelerate launch
+        emit({"run": str(path), "backbone": str(path / "backbone")})
+
+
+def register(app: typer.Typer) -> None:
+    app.command("pretrain")(pretrain)

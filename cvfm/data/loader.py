@@ -1,0 +1,75 @@
+"""A torch Dataset over an ImageSource that never crashes on a bad image, and its collate function.
+
+Each sample's augmentation randomness is seeded by (seed, epoch, index), so a sample gets the same
+views whichever worker decodes it and whether or not the run was interrupted and resumed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Dataset, default_collate
+
+from cvfm.data.decode import DecodeError
+from cvfm.data.sources import DataError, ImageSource
+
+
+@dataclass(frozen=True)
+class Skipped:
+    index: int
+    where: str
+    reason: str
+
+
+class ImageDataset(Dataset):
+    """Yields `{"image": tensor or [views], "label", "index"}`, or a `Skipped` for an unreadable item."""
+
+    def __init__(self, source: ImageSource, transform: Callable, seed: int | None = None):
+        self.source, self.transform, self.seed, self.epoch = source, transform, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, i: int):
+        item = self.source.items[i]
+        try:
+            img = self.source.load(i)
+        except DecodeError as e:
+            return Skipped(i, str(item.ref) if isinstance(item.ref, str) else item.id, str(e))
+        if self.seed is None:
+            image = self.transform(img)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
+                image = self.transform(img)
+        return {"image": image, "label": item.label, "index": i}
+
+
+def collate(batch: list) -> dict:
+    """Stack the good samples; report the skipped ones under "skipped"."""
+    good = [b for b in batch if not isinstance(b, Skipped)]
+    out = default_collate(good) if good else {"image": None, "label": None, "index": None}
+    out["skipped"] = [b for b in batch if isinstance(b, Skipped)]
+    return out
+
+
+class SkipLog:
+    """Collects skipped items across batches (once each) and enforces --strict."""
+
+    def __init__(self, strict: bool = False, earlier: list[dict] | None = None):
+        self.strict = strict
+        self.entries: dict[str, str] = {e["where"]: e["reason"] for e in earlier or []}
+
+    def add(self, skipped: list[Skipped]) -> None:
+        for s in skipped:
+            if self.strict:
+                raise DataError(f"{s.where}: {s.reason}")
+            self.entries.setdefault(s.where, s.reason)
+
+    def as_list(self) -> list[dict]:
+        return [{"where": w, "reason": r} for w, r in self.entries.items()]

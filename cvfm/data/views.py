@@ -1,0 +1,97 @@
+"""Augmented views for self-supervised methods, and the plain evaluation transform.
+
+Recipes follow the papers: SimCLR (Chen et al. 2020, App. A), BYOL (Grill et al. 2020, Table 6:
+asymmetric blur/solarize) and DINO's multi-crop (Caron et al. 2021, main_dino.py). Blur is only used
+for images of 64 px and more, as solo-learn's CIFAR recipes do: on tiny images it erases the content.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2 as T
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an encoder wants its input: square size, resize-then-crop ratio, normalisation."""
+
+    size: int = 224
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    crop_pct: float = 1.0
+    interpolation: str = "bicubic"
+
+    def transform(self) -> T.Compose:
+        """Deterministic evaluation transform: resize the short side, centre crop, normalise."""
+        resize = int(round(self.size / self.crop_pct))
+        return T.Compose(
+            [
+                T.ToImage(),
+                T.Resize(resize, interpolation=InterpolationMode(self.interpolation), antialias=True),
+                T.CenterCrop(self.size),
+                T.ToDtype(torch.float32, scale=True),
+                T.Normalize(self.mean, self.std),
+            ]
+        )
+
+
+def _augment(pre: Preprocess, size: int, scale: tuple[float, float], blur_p: float, solarize_p: float):
+    ops = [
+        T.ToImage(),
+        T.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC, antialias=True),
+        T.RandomHorizontalFlip(),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+    ]
+    if blur_p > 0 and size >= 64:
+        kernel = max(3, (size // 10) | 1)
+        ops.append(T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_p))
+    if solarize_p > 0:
+        ops.append(T.RandomSolarize(threshold=128, p=solarize_p))
+    ops += [T.ToDtype(torch.float32, scale=True), T.Normalize(pre.mean, pre.std)]
+    return T.Compose(ops)
+
+
+class MultiView:
+    """Applies a list of transforms to one image and returns the list of views."""
+
+    def __init__(self, transforms: list):
+        self.transforms = transforms
+
+    def __call__(self, img: Image.Image) -> list[torch.Tensor]:
+        return [t(img) for t in self.transforms]
+
+    def __len__(self) -> int:
+        return len(self.transforms)
+
+
+def two_views(pre: Preprocess, *, min_scale: float = 0.08, asymmetric: bool = False) -> MultiView:
+    """SimCLR (symmetric, blur p=0.5) or BYOL (asymmetric: blur 1.0/0.1, solarize 0/0.2) views."""
+    if asymmetric:
+        return MultiView(
+            [
+                _augment(pre, pre.size, (min_scale, 1.0), blur_p=1.0, solarize_p=0.0),
+                _augment(pre, pre.size, (min_scale, 1.0), blur_p=0.1, solarize_p=0.2),
+            ]
+        )
+    t = _augment(pre, pre.size, (min_scale, 1.0), blur_p=0.5, solarize_p=0.0)
+    return MultiView([t, t])
+
+
+def multi_crop(
+    pre: Preprocess,
+    *,
+    local_crops: int,
+    local_size: int,
+    global_scale: tuple[float, float] = (0.4, 1.0),
+    local_scale: tuple[float, float] = (0.05, 0.4),
+) -> MultiView:
+    """DINO's multi-crop: 2 global views (blur 1.0 / 0.1 + solarize 0.2) and N small local views."""
+    g1 = _augment(pre, pre.size, global_scale, blur_p=1.0, solarize_p=0.0)
+    g2 = _augment(pre, pre.size, global_scale, blur_p=0.1, solarize_p=0.2)
+    local = _augment(pre, local_size, local_scale, blur_p=0.5, solarize_p=0.0)
+    return MultiView([g1, g2] + [local] * local_crops)

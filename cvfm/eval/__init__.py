@@ -1,0 +1,1 @@
+"""Evaluations of frozen encoders: k-NN and linear probes."""

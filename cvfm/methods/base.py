@@ -1,0 +1,147 @@
+"""What every self-supervised method provides to the shared training loop."""
+
+from __future__ import annotations
+
+import abc
+import copy
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from cvfm.data.views import MultiView
+from cvfm.errors import UsageError
+from cvfm.models.encoder import Encoder
+
+
+@dataclass
+class Budget:
+    """What a method may size its defaults from: dataset size and the step plan."""
+
+    num_images: int
+    steps_per_epoch: int
+    total_steps: int
+    batch_size: int
+
+
+class Method(nn.Module, abc.ABC):
+    """A backbone plus heads and a loss. `forward(views, step)` returns (loss, logs)."""
+
+    base_lr: float = 1e-3  # AdamW learning rate at batch size 256 (scaled linearly)
+    weight_decay: tuple[float, float] = (0.05, 0.05)  # start, end of a cosine schedule
+    clip_grad: float | None = None
+
+    def __init__(self, encoder: Encoder, cfg, budget: Budget):
+        super().__init__()
+        self.encoder, self.cfg, self.budget = encoder, cfg, budget
+
+    @abc.abstractmethod
+    def views(self) -> MultiView:
+        """The augmentation that turns one image into this method's list of views."""
+
+    @abc.abstractmethod
+    def forward(self, views: list[torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+    def before_optimizer_step(self, step: int) -> None:
+        """Hook after gradients exist, before the update (DINO freezes its last layer here)."""
+
+    def after_optimizer_step(self, step: int) -> None:
+        """Hook after the update (EMA targets move here)."""
+
+    def param_groups(self) -> list[dict]:
+        """Trainable parameters; biases and norm weights get no weight decay (as in DINO and timm)."""
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+        return [
+            {"params": decay, "apply_wd": True},
+            {"params": no_decay, "weight_decay": 0.0, "apply_wd": False},
+        ]
+
+
+def configure(config_cls, options: dict):
+    """Build a method's config dataclass from `--opt key=value` strings, naming bad keys."""
+    known = {f.name: f for f in fields(config_cls)}
+    values = {}
+    for key, raw in options.items():
+        if key not in known:
+            raise UsageError(f"unknown option '{key}' for this method (options: {', '.join(sorted(known))})")
+        default = getattr(config_cls(), key)
+        values[key] = _parse(raw, default, key, str(known[key].type))
+    return config_cls(**values)
+
+
+def _parse(raw, default, key, annotation: str = ""):
+    """`annotation` is the field's declared type: `float | None` and `x: float = 30` parse as floats."""
+    if not isinstance(raw, str):
+        return raw
+    declared_float = "float" in annotation
+    try:
+        if isinstance(default, bool):
+            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return raw.lower() in ("true", "1", "yes")
+        if isinstance(default, float) or (declared_float and isinstance(default, int)):
+            return float(raw)
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, tuple):
+            parts = tuple(float(v) for v in raw.split(","))
+            if len(parts) != len(default):  # e.g. a crop scale needs (min, max)
+                raise ValueError
+            return parts
+        if default is None:
+            if raw.lower() in ("none", "auto"):
+                return None
+            return float(raw) if declared_float else int(raw)
+    except ValueError:
+        raise UsageError(f"option {key}={raw!r}: expected a value like {default!r}") from None
+    return raw
+
+
+def mlp(dims: list[int], *, batch_norm: bool = True, last_bn: bool = False) -> nn.Sequential:
+    """Linear layers with BN + ReLU between them (the projector / predictor of SimCLR and BYOL)."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+        last = i == len(dims) - 2
+        layers.append(nn.Linear(a, b, bias=not (batch_norm and (not last or last_bn))))
+        if not last or last_bn:
+            layers.append(nn.BatchNorm1d(b, affine=not last) if batch_norm else nn.Identity())
+        if not last:
+            layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A copy that receives no gradients: the EMA target / teacher of BYOL and DINO."""
+    target = copy.deepcopy(module)
+    for p in target.parameters():
+        p.requires_grad_(False)
+    return target
+
+
+@torch.no_grad()
+def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
+    """target <- m * target + (1 - m) * online, parameter by parameter."""
+    for t, o in zip(target.parameters(), online.parameters(), strict=True):
+        t.mul_(momentum).add_(o.detach(), alpha=1 - momentum)
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """All-gather across processes keeping gradients for the local slice (a no-op on one process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x), dim=0)
+
+
+@torch.no_grad()
+def feature_std(z: torch.Tensor) -> float:
+    """Mean per-dimension std of L2-normalised features: 0 means collapse, ~1/sqrt(D) is healthy."""
+    z = nn.functional.normalize(z.float(), dim=-1)
+    return float(z.std(dim=0).mean()) if z.shape[0] > 1 else math.nan

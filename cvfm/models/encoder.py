@@ -1,0 +1,193 @@
+"""One face for every image encoder: pooled embedding, patch tokens, embedding size, preprocessing.
+
+`TimmEncoder` wraps any timm model (`forward_features` then `forward_head(pre_logits=True)`);
+`HFEncoder` wraps a transformers vision backbone (`AutoModel`). Both save to a folder that loads back
+through the registry, and timm encoders save in timm's own layout (`timm.create_model("local-dir:...")`).
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cvfm.data.views import Preprocess
+from cvfm.errors import CvfmError
+
+PREPROCESS_FILE = "preprocess.json"
+
+
+@dataclass
+class EncoderOutput:
+    pooled: torch.Tensor  # (B, D)
+    patch_tokens: torch.Tensor | None  # (B, N, D): ViT patch tokens or a CNN's flattened last feature map
+
+
+class Encoder(nn.Module, abc.ABC):
+    """Base class: `forward(x)` returns the pooled embedding; `encode(x)` adds patch tokens."""
+
+    name: str
+    num_features: int
+    preprocess: Preprocess
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encode(x).pooled
+
+    @abc.abstractmethod
+    def encode(self, x: torch.Tensor) -> EncoderOutput: ...
+
+    @abc.abstractmethod
+    def save(self, folder: str | Path) -> Path:
+        """Write weights (safetensors) and config to `folder`, loadable by `create_encoder(folder)`."""
+
+    def _save_preprocess(self, folder: Path) -> None:
+        (folder / PREPROCESS_FILE).write_text(json.dumps(asdict(self.preprocess), indent=2) + "\n")
+
+
+def read_preprocess(folder: Path) -> Preprocess | None:
+    path = folder / PREPROCESS_FILE
+    if not path.exists():
+        return None
+    d = json.loads(path.read_text())
+    return Preprocess(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
+
+
+class TimmEncoder(Encoder):
+    """A timm model built as `timm.create_model(arch, num_classes=0, **model_args)`."""
+
+    def __init__(
+        self, model: nn.Module, name: str, arch: str, model_args: dict, preprocess: Preprocess | None = None
+    ):
+        super().__init__()
+        self.model, self.name, self.arch, self.model_args = model, name, arch, dict(model_args)
+        self.num_features = int(model.num_features)
+        self.preprocess = preprocess or _timm_preprocess(model)
+
+    def encode(self, x: torch.Tensor) -> EncoderOutput:
+        feats = self.model.forward_features(x)
+        pooled = self.model.forward_head(feats, pre_logits=True)
+        if feats.ndim == 3:  # (B, tokens, D): drop class / register tokens
+            tokens = feats[:, getattr(self.model, "num_prefix_tokens", 0) :]
+        elif feats.ndim == 4:  # (B, C, H, W) -> (B, H*W, C)
+            tokens = feats.flatten(2).transpose(1, 2)
+        else:
+            tokens = None
+        return EncoderOutput(pooled=pooled, patch_tokens=tokens)
+
+    def save(self, folder: str | Path) -> Path:
+        """timm's hub layout (config.json + model.safetensors), written by us so that any timm version
+        reads it: `timm.create_model("local-dir:<folder>")` or `create_model(arch, **model_args)`."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        pre = self.preprocess
+        config = {
+            "architecture": self.arch,
+            "num_classes": 0,
+            "num_features": self.num_features,
+            "model_args": {**_jsonable(self.model_args), "num_classes": 0},
+            "pretrained_cfg": {
+                "input_size": [3, pre.size, pre.size],
+                "mean": list(pre.mean),
+                "std": list(pre.std),
+                "crop_pct": pre.crop_pct,
+                "interpolation": pre.interpolation,
+                "num_classes": 0,
+            },
+        }
+        state = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
+        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        return folder
+
+    @classmethod
+    def load(cls, folder: Path, name: str) -> TimmEncoder:
+        """Rebuild from `save()`'s layout; every weight key must match the architecture."""
+        import timm
+        from safetensors.torch import load_file
+
+        config = json.loads((folder / "config.json").read_text())
+        args = {k: v for k, v in config.get("model_args", {}).items() if k != "num_classes"}
+        model = timm.create_model(config["architecture"], pretrained=False, num_classes=0, **args)
+        try:
+            model.load_state_dict(load_file(folder / "model.safetensors"), strict=True)
+        except RuntimeError as e:
+            detail = " ".join(str(e).split())[:600]
+            raise CvfmError(f"weights of '{name}' do not match its architecture: {detail}") from None
+        cfg = config.get("pretrained_cfg", {})
+        pre = Preprocess(
+            size=int(cfg["input_size"][-1]),
+            mean=tuple(cfg["mean"]),
+            std=tuple(cfg["std"]),
+            crop_pct=float(cfg.get("crop_pct", 1.0)),
+            interpolation=cfg.get("interpolation", "bicubic"),
+        )
+        return cls(model, name, config["architecture"], args, pre)
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _timm_preprocess(model: nn.Module) -> Preprocess:
+    from timm.data import resolve_data_config
+
+    cfg = resolve_data_config({}, model=model)
+    return Preprocess(
+        size=int(cfg["input_size"][-1]),
+        mean=tuple(cfg["mean"]),
+        std=tuple(cfg["std"]),
+        crop_pct=float(cfg.get("crop_pct", 1.0)),
+        interpolation=cfg.get("interpolation", "bicubic"),
+    )
+
+
+class HFEncoder(Encoder):
+    """A transformers vision backbone; the pooled embedding is the CLS token (or the pooled feature map)."""
+
+    def __init__(self, model: nn.Module, name: str, preprocess: Preprocess):
+        super().__init__()
+        self.model, self.name, self.preprocess = model, name, preprocess
+        cfg = model.config
+        self.num_features = int(getattr(cfg, "hidden_size", None) or cfg.hidden_sizes[-1])
+        self.num_prefix_tokens = 1 + int(getattr(cfg, "num_register_tokens", 0) or 0)
+
+    def encode(self, x: torch.Tensor) -> EncoderOutput:
+        out = self.model(pixel_values=x)
+        hidden = out.last_hidden_state
+        if hidden.ndim == 3:
+            return EncoderOutput(pooled=hidden[:, 0], patch_tokens=hidden[:, self.num_prefix_tokens :])
+        pooled = getattr(out, "pooler_output", None)
+        pooled = pooled.flatten(1) if pooled is not None else hidden.mean(dim=(2, 3))
+        return EncoderOutput(pooled=pooled, patch_tokens=hidden.flatten(2).transpose(1, 2))
+
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        self.model.save_pretrained(folder, safe_serialization=True)
+        self._save_preprocess(folder)
+        return folder
+
+
+def check_loading_info(info: dict, name: str) -> None:
+    """Turn transformers' loading warnings into an error: weights must match the architecture."""
+    missing = [k for k in info.get("missing_keys", []) if not k.startswith("pooler.")]
+    problems = {
+        "missing": missing,
+        "unexpected": list(info.get("unexpected_keys", [])),
+        "mismatched": [str(m) for m in info.get("mismatched_keys", [])],
+    }
+    bad = {k: v for k, v in problems.items() if v}
+    if bad:
+        detail = "; ".join(
+            f"{k} keys: {', '.join(map(str, v[:5]))}{' ...' if len(v) > 5 else ''}" for k, v in bad.items()
+        )
+        raise CvfmError(f"weights of '{name}' do not match its architecture ({detail})")

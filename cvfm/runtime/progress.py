@@ -1,0 +1,34 @@
+"""Rich progress bars on stderr, silent when stderr is not a terminal (logs and CI stay clean)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+console = Console(stderr=True)
+
+
+@contextmanager
+def progress(desc: str, total: int | None) -> Iterator[Callable[[int], None]]:
+    if not sys.stderr.isatty():
+        yield lambda n=1: None
+        return
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(desc, total=total)
+        yield lambda n=1: bar.advance(task, n)
+
+
+def log(message: str) -> None:
+    """A line for humans, on stderr."""
+    console.print(message, highlight=False)

@@ -1,0 +1,64 @@
+"""A run folder: run.json, metrics.jsonl, checkpoints/, backbone/, curves.png.
+
+An existing non-empty folder is refused unless the caller asks to overwrite or to resume it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from cvfm.errors import UsageError
+from cvfm.runtime.files import write_json
+
+
+class RunDir:
+    """Checks on construction (touching nothing); `create()` clears (with overwrite) and makes it."""
+
+    def __init__(self, path: str | Path, *, overwrite: bool = False, resume: bool = False):
+        self.path, self.overwrite, self.resume = Path(path), overwrite, resume
+        if self.path.exists() and not self.path.is_dir():
+            raise UsageError(f"output '{self.path}' is a file, not a folder")
+        if resume:
+            if not self.run_json.exists():
+                raise UsageError(f"cannot resume: '{self.path}' is not a cvfm run folder (no run.json)")
+        elif self._occupied() and not overwrite:
+            raise UsageError(
+                f"output folder '{self.path}' exists and is not empty: pass --overwrite to "
+                "replace it or --resume to continue it"
+            )
+
+    def _occupied(self) -> bool:
+        return self.path.exists() and any(self.path.iterdir())
+
+    def create(self) -> RunDir:
+        if not self.resume and self._occupied():
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        return self
+
+    @property
+    def run_json(self) -> Path:
+        return self.path / "run.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def backbone(self) -> Path:
+        return self.path / "backbone"
+
+    def read(self) -> dict:
+        return json.loads(self.run_json.read_text())
+
+    def update(self, **fields) -> dict:
+        record = self.read() if self.run_json.exists() else {}
+        record.update(fields)
+        write_json(self.run_json, record)
+        return record

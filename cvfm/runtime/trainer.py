@@ -1,0 +1,389 @@
+"""Self-supervised pre-training: the one loop that every method shares, on CPU, one GPU or many (Accelerate).
+
+Exact resume: the sampler order is seeded by (seed, epoch), each sample's augmentations by
+(seed, epoch, index), the global RNG by (seed, step, process), and every schedule is indexed by the
+global step; the checkpoint holds the model with its EMA teacher and DINO centre, the optimizer and
+the gradient scaler. A run stopped and resumed therefore ends with the same weights.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from torch.utils.data import DataLoader
+
+import cvfm
+from cvfm.data.loader import ImageDataset, SkipLog, collate
+from cvfm.data.sources import open_source
+from cvfm.errors import UsageError
+from cvfm.eval.features import extract_features
+from cvfm.eval.knn import knn_evaluate
+from cvfm.methods import Budget, build_method
+from cvfm.registry import create_encoder
+from cvfm.runtime.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from cvfm.runtime.progress import log, progress
+from cvfm.runtime.run_dir import RunDir
+from cvfm.runtime.schedules import cosine
+from cvfm.runtime.tracking import JsonlTracker, plot_curves, truncate_metrics
+
+PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C / SIGTERM arrived; the run stopped after a whole step and saved a checkpoint."""
+
+
+class _GracefulStop:
+    """While training, the first SIGINT / SIGTERM asks the loop to stop after the current step (so the
+    checkpoint is consistent); a second one interrupts at once."""
+
+    def __init__(self):
+        self.requested, self._previous = False, {}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log("stopping after this step (Ctrl-C again to abort without a checkpoint)")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class PretrainConfig:
+    data: str
+    output: str
+    method: str = "dino"
+    model: str = "cvfm/tiny-resnet"
+    pretrained: bool = False  # start from the registry's pretrained weights instead of random init
+    split: str | None = None
+    image_column: str = "image"
+    label_column: str | None = None
+    epochs: int = 10
+    batch_size: int = 64  # per process
+    lr: float | None = None  # auto: the method's base lr x global batch / 256
+    warmup_epochs: float = 1.0  # capped at 10% of the run
+    min_lr: float = 1e-6
+    grad_accum: int = 1
+    precision: str = "fp32"
+    seed: int = 0
+    num_workers: int = 2
+    checkpoint_every: int = 500  # steps; a checkpoint is also written at the end of each epoch
+    keep_checkpoints: int = 2
+    monitor: str | None = (
+        None  # a labelled source: online k-NN each epoch (train split = bank, test = queries)
+    )
+    monitor_size: int = 2000
+    log: tuple[str, ...] = ("jsonl",)
+    strict: bool = False
+    overwrite: bool = False
+    resume: bool = False
+    options: dict = field(default_factory=dict)  # method options (--opt key=value)
+
+
+def _versions() -> dict:
+    import accelerate
+    import timm
+    import transformers
+
+    return {
+        "cvfm": cvfm.__version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _make_accelerator(cfg: PretrainConfig, run: RunDir) -> Accelerator:
+    if cfg.precision not in PRECISIONS:
+        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, not '{cfg.precision}'")
+    trackers: list = [JsonlTracker(run.metrics)]
+    for name in cfg.log:
+        if name not in ("jsonl", "tensorboard", "wandb"):
+            raise UsageError(f"--log must be jsonl, tensorboard or wandb, not '{name}'")
+        if name != "jsonl":
+            trackers.append(name)
+    # Under torchrun / accelerate launch on a machine without GPUs, run the processes on CPU (gloo).
+    cpu_only = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(
+        cpu=cpu_only,
+        mixed_precision=PRECISIONS[cfg.precision],
+        gradient_accumulation_steps=cfg.grad_accum,
+        log_with=trackers,
+        project_dir=str(run.path),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+    )
+
+
+def pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None = None) -> Path:
+    """Pre-train `cfg.model` on `cfg.data` with `cfg.method`; returns the run folder.
+
+    `on_step(step)` is called after each optimizer step. The first Ctrl-C / SIGTERM stops the run after
+    the current step and saves a checkpoint (raising `Interrupted`); `resume=True` continues from it.
+    """
+    if cfg.resume:
+        saved = RunDir(cfg.output, resume=True).read()["config"]
+        cfg = PretrainConfig(
+            **{**saved, "log": tuple(saved["log"]), "resume": True, "num_workers": cfg.num_workers}
+        )
+    return _Trainer(cfg).fit(on_step)
+
+
+class _Trainer:
+    def __init__(self, cfg: PretrainConfig):
+        self.cfg = cfg
+        run = RunDir(cfg.output, overwrite=cfg.overwrite, resume=cfg.resume)  # refuse early, create later
+        torch.manual_seed(cfg.seed)  # the same initial weights on every process and every resume
+        encoder = create_encoder(cfg.model, pretrained=cfg.pretrained)
+        source = open_source(
+            cfg.data,
+            split=cfg.split,
+            image_column=cfg.image_column,
+            label_column=cfg.label_column,
+            strict=cfg.strict,
+        )
+        self.run, self.accelerator = run, _make_accelerator(cfg, run)
+        world = self.accelerator.num_processes
+        self.steps_per_epoch = len(source) // (cfg.batch_size * world) // cfg.grad_accum
+        if self.steps_per_epoch < 1:
+            raise UsageError(
+                f"{len(source)} images make no full batch of {cfg.batch_size} x {world} processes "
+                f"x {cfg.grad_accum} accumulation steps: lower --batch-size"
+            )
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        budget = Budget(
+            len(source), self.steps_per_epoch, self.total_steps, cfg.batch_size * world * cfg.grad_accum
+        )
+        method = build_method(cfg.method, encoder, cfg.options, budget)
+        if world > 1 and self.accelerator.device.type == "cuda":  # SyncBatchNorm needs CUDA
+            method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+        run.create()  # only now that the request is known to be valid
+        lr = cfg.lr or method.base_lr * budget.batch_size / 256
+        warmup = min(int(cfg.warmup_epochs * self.steps_per_epoch), int(0.1 * self.total_steps))
+        self.lrs = cosine(lr, cfg.min_lr, self.total_steps, warmup_steps=warmup)
+        self.wds = cosine(*method.weight_decay, self.total_steps)
+        optimizer = torch.optim.AdamW(method.param_groups(), lr=lr, weight_decay=method.weight_decay[0])
+        self.dataset = ImageDataset(source, method.views(), seed=cfg.seed)
+        loader = DataLoader(
+            self.dataset,
+            batch_size=cfg.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=cfg.num_workers,
+            collate_fn=collate,
+            generator=torch.Generator().manual_seed(cfg.seed),
+        )
+        self.method, self.optimizer, self.loader = self.accelerator.prepare(method, optimizer, loader)
+        self.core = self.accelerator.unwrap_model(self.method)
+        self.skips = SkipLog(cfg.strict, source.skipped)
+        self.step = self.epoch = 0
+        self.resolved = {
+            "config": asdict(cfg),
+            "method_config": asdict(self.core.cfg),
+            "resolved": {
+                "lr": lr,
+                "warmup_steps": warmup,
+                "steps_per_epoch": self.steps_per_epoch,
+                "total_steps": self.total_steps,
+                "global_batch_size": budget.batch_size,
+                "num_processes": world,
+                **getattr(self.core, "resolved", {}),
+            },
+            "versions": _versions(),
+            "seed": cfg.seed,
+            "data": {"name": source.name, "images": len(source), "classes": source.classes},
+        }
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def fit(self, on_step: Callable[[int], None] | None) -> Path:
+        cfg, acc, run = self.cfg, self.accelerator, self.run
+        if cfg.resume:
+            self._restore()
+        if self.is_main:
+            run.update(**self.resolved, status="running")
+        acc.init_trackers("cvfm")
+        self.monitor = _Monitor(cfg) if cfg.monitor and self.is_main else None
+        if self.monitor and self.step == 0:
+            acc.log(self.monitor(self.core.encoder, acc.device), step=0)
+        t0 = time.perf_counter()
+        with _GracefulStop() as stop:
+            try:
+                while self.epoch < cfg.epochs:
+                    self._train_epoch(stop, on_step)
+                    self.epoch += 1
+            except Interrupted:
+                self._checkpoint()
+                self._finish("interrupted", t0)
+                raise
+            except KeyboardInterrupt:  # a second Ctrl-C: the last periodic checkpoint stands
+                self._finish("interrupted", t0)
+                raise
+        acc.wait_for_everyone()
+        if self.is_main:
+            self.core.encoder.save(run.backbone)
+        self._finish("finished", t0)
+        return run.path
+
+    def _train_epoch(self, stop: _GracefulStop, on_step) -> None:
+        cfg, acc = self.cfg, self.accelerator
+        done = self.step - self.epoch * self.steps_per_epoch
+        todo = self.steps_per_epoch - done
+        if todo <= 0:
+            return
+        self.dataset.set_epoch(self.epoch)
+        self.loader.set_epoch(self.epoch)
+        batches = acc.skip_first_batches(self.loader, done * cfg.grad_accum) if done else self.loader
+        sums: dict[str, float] = {}
+        images, started = 0, time.perf_counter()
+        with progress(f"epoch {self.epoch + 1}/{cfg.epochs}", total=todo) as advance:
+            for i, batch in enumerate(batches):
+                if i >= todo * cfg.grad_accum:
+                    break  # the tail that does not fill an accumulation cycle
+                self.skips.add(batch["skipped"])
+                if batch["image"] is None:
+                    continue
+                images += batch["image"][0].shape[0] * acc.num_processes
+                record = self._train_step(batch["image"])
+                if record is None:
+                    continue  # accumulating gradients
+                for k, v in record.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                acc.log({f"train/{k}": v for k, v in record.items()}, step=self.step)
+                advance()
+                if self.step % cfg.checkpoint_every == 0:
+                    self._checkpoint()
+                if on_step:
+                    on_step(self.step)
+                if stop.requested:
+                    raise Interrupted
+        logs = {f"epoch/{k}": v / todo for k, v in sums.items()}
+        logs.update(epoch=self.epoch + 1, images_per_s=images / max(time.perf_counter() - started, 1e-9))
+        if self.monitor:
+            logs.update(self.monitor(self.core.encoder, acc.device))
+        acc.log(logs, step=self.step)
+        if self.is_main:
+            _summary(self.epoch + 1, cfg.epochs, logs)
+            plot_curves(self.run.metrics, self.run.path / "curves.png")
+        self._checkpoint(resume_epoch=self.epoch + 1)
+
+    def _train_step(self, views: list[torch.Tensor]) -> dict | None:
+        """One forward/backward; after the last micro-batch of an accumulation cycle, the update."""
+        acc, core, step = self.accelerator, self.core, self.step
+        torch.manual_seed((self.cfg.seed * 1_000_003 + step) * 1009 + acc.process_index)
+        for group in self.optimizer.param_groups:
+            group["lr"] = float(self.lrs[step])
+            if group.get("apply_wd", True):
+                group["weight_decay"] = float(self.wds[step])
+        with acc.accumulate(self.method):
+            loss, logs = self.method(views, step)
+            acc.backward(loss)
+            if acc.sync_gradients:
+                if core.clip_grad:
+                    acc.clip_grad_norm_(self.method.parameters(), core.clip_grad)
+                core.before_optimizer_step(step)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if not acc.sync_gradients:
+            return None
+        core.after_optimizer_step(step)
+        loss_value = float(acc.reduce(loss.detach(), "mean"))
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"loss is {loss_value} at step {step}: lower --lr or use fp32")
+        self.step += 1
+        return {
+            "loss": loss_value,
+            "lr": float(self.lrs[step]),
+            "weight_decay": float(self.wds[step]),
+            **logs,
+        }
+
+    def _checkpoint(self, resume_epoch: int | None = None) -> None:
+        """Save the state; `resume_epoch` is where a resumed run continues (default: this epoch)."""
+        self.accelerator.wait_for_everyone()
+        epoch = self.epoch if resume_epoch is None else resume_epoch
+        if self.is_main:
+            save_checkpoint(
+                self.run.checkpoints,
+                self.step,
+                self.core,
+                self.optimizer.optimizer,
+                self.accelerator.scaler,
+                {"epoch": epoch, "skipped": self.skips.as_list()},
+                keep=self.cfg.keep_checkpoints,
+            )
+
+    def _restore(self) -> None:
+        ckpt = latest_checkpoint(self.run.checkpoints)
+        if ckpt is None:
+            log(f"no checkpoint in {self.run.checkpoints}: starting {self.run.path} from step 0")
+            return
+        state = load_checkpoint(ckpt, self.core, self.optimizer.optimizer, self.accelerator.scaler)
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.skips = SkipLog(self.cfg.strict, state.get("skipped", []))
+        if self.is_main:
+            truncate_metrics(self.run.metrics, self.step)
+        log(f"resuming {self.run.path} at step {self.step}/{self.total_steps}")
+
+    def _finish(self, status: str, t0: float) -> None:
+        if self.is_main:
+            plot_curves(self.run.metrics, self.run.path / "curves.png")
+            self.run.update(
+                status=status,
+                step=self.step,
+                skipped=self.skips.as_list(),
+                wall_s=round(time.perf_counter() - t0, 2),
+            )
+            if self.skips.entries:
+                log(f"skipped {len(self.skips.entries)} unreadable item(s); listed in {self.run.run_json}")
+        self.accelerator.end_training()
+
+
+def _summary(epoch: int, epochs: int, logs: dict) -> None:
+    keys = ("epoch/loss", "epoch/feature_std", "epoch/teacher_entropy", "monitor/knn_top1@20", "images_per_s")
+    parts = [f"{k.split('/')[-1]}={logs[k]:.4g}" for k in keys if isinstance(logs.get(k), float)]
+    log(f"epoch {epoch}/{epochs} " + " ".join(parts))
+
+
+class _Monitor:
+    """Online k-NN: a fixed random subset of the labelled source's train split as the bank, the test split
+    as queries."""
+
+    def __init__(self, cfg: PretrainConfig):
+        from cvfm.data.sources import subset
+
+        rng = np.random.default_rng(cfg.seed)
+        bank = open_source(cfg.monitor, split="train")
+        queries = open_source(cfg.monitor, split="test")
+        if not (bank.has_labels and queries.has_labels):
+            raise UsageError(f"--monitor '{cfg.monitor}' needs labels on its train and test splits")
+        self.bank = subset(bank, np.sort(rng.permutation(len(bank))[: cfg.monitor_size]))
+        self.queries = subset(queries, np.sort(rng.permutation(len(queries))[: cfg.monitor_size // 2]))
+
+    def __call__(self, encoder, device) -> dict:
+        xb, yb, _ = extract_features(encoder, self.bank, device=device, desc="monitor bank")
+        xq, yq, _ = extract_features(encoder, self.queries, device=device, desc="monitor queries")
+        return {f"monitor/{k}": v for k, v in knn_evaluate(xb, yb, xq, yq, ks=(20,)).items() if "top1" in k}

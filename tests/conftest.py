@@ -1,0 +1,76 @@
+"""Shared test setup: offline Hugging Face hub, tiny on-disk image fixtures."""
+
+from __future__ import annotations
+
+import os
+
+# Before anything imports huggingface_hub (it reads the variable once, at import time).
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+CLASS_COLORS = {"cat": (200, 30, 30), "dog": (30, 30, 200)}
+
+
+def write_image(
+    path: Path, color: tuple[int, int, int] | None = (128, 128, 128), size: int = 8, seed: int = 0
+) -> Path:
+    """Write a small RGB image: one flat `color`, or random noise when `color` is None."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if color is None:
+        pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    else:
+        pixels = np.full((size, size, 3), color, dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+@pytest.fixture
+def make_image() -> Callable[..., Path]:
+    """The `write_image(path, color=..., size=..., seed=...)` helper, as a fixture."""
+    return write_image
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """`tmp_path/images/{cat,dog}/{0,1,2}.png`: 8x8 flat-colour PNGs (cat red, dog blue)."""
+    root = tmp_path / "images"
+    for name, color in CLASS_COLORS.items():
+        for i in range(3):
+            write_image(root / name / f"{i}.png", color)
+    return root
+
+
+@pytest.fixture
+def noise_folder(tmp_path: Path) -> Path:
+    """`tmp_path/noise/{a,b}/{0,1}.png`: 24x24 random-noise PNGs (augmentations visibly change them)."""
+    root = tmp_path / "noise"
+    for c, name in enumerate(("a", "b")):
+        for i in range(2):
+            write_image(root / name / f"{i}.png", None, size=24, seed=10 * c + i)
+    return root
+
+
+@pytest.fixture(scope="session")
+def digit_folder(tmp_path_factory) -> Path:
+    """Real images, small: scikit-learn digits 0-3 as PNGs, train/<class>/ (4 x 32) and test/<class>/ (4 x 8).
+
+    Classes are zero, one, two, three (a folder source numbers them in sorted order)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    pixels = np.clip(d.images * 16, 0, 255).astype(np.uint8)
+    root = tmp_path_factory.mktemp("digits_folder")
+    for label, name in enumerate(("zero", "one", "two", "three")):
+        members = np.flatnonzero(d.target == label)
+        for i, idx in enumerate(members[:40]):
+            split = "train" if i < 32 else "test"
+            path = root / split / name / f"{idx:04d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels[idx]).save(path)
+    return root

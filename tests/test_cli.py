@@ -1,0 +1,587 @@
+"""The `cvfm` command end to end: exit codes, stdout (data only) vs stderr (logs and errors), outputs on disk.
+
+Most checks call `cvfm.cli.app.main()` in-process with `sys.argv` set (stdout and stderr captured
+separately, real exit codes through SystemExit, and an escaping exception fails the test the way a
+traceback would). A few run `python -m cvfm` in a subprocess for full fidelity.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import cvfm
+from cvfm.cli import app as app_module
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+CLASSES = ("zero", "one", "two", "three")  # digits 0-3; a folder source numbers its classes in sorted order
+LABELS = {name: i for i, name in enumerate(sorted(CLASSES))}
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def lines(self) -> list[str]:
+        return [line for line in self.out.splitlines() if line.strip()]
+
+
+def _registered() -> bool:
+    return any(c.name == "models" for c in app_module.app.registered_commands)
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Run `cvfm ARGS...` in-process; returns Result(code, stdout, stderr)."""
+    if not _registered():
+        app_module._register()
+    monkeypatch.setattr(app_module, "_register", lambda: None)  # main() registers on every call
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    previous_sigterm = signal.getsignal(signal.SIGTERM)  # main() installs its own handler
+
+    def run(*args) -> Result:
+        monkeypatch.setattr(sys, "argv", ["cvfm", *map(str, args)])
+        capsys.readouterr()
+        code = 0
+        try:
+            app_module.main()
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        finally:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+        out, err = capsys.readouterr()
+        return Result(code, out, err)
+
+    return run
+
+
+def _subprocess(*args, timeout=120) -> Result:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    p = subprocess.run(
+        [sys.executable, "-m", "cvfm", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=env,
+    )
+    return Result(p.returncode, p.stdout, p.stderr)
+
+
+def _assert_usage_error(r: Result, *needles: str) -> None:
+    assert r.code == 2, (r.out, r.err)
+    assert r.out == ""
+    err_lines = [line for line in r.err.splitlines() if line.strip()]
+    assert len(err_lines) == 1, r.err
+    assert err_lines[0].startswith("cvfm: error: ")
+    assert "Traceback" not in r.err
+    for needle in needles:
+        assert needle in err_lines[0]
+
+
+def _one_json_line(r: Result) -> dict:
+    assert r.code == 0, r.err
+    assert len(r.lines) == 1, r.out
+    assert r.out.endswith("\n") and r.out.count("\n") == 1
+    return json.loads(r.lines[0])
+
+
+def _write_png(path: Path, pixels: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+
+
+def _tree(folder: Path) -> dict[str, str]:
+    """Relative path -> content hash of every file under `folder`."""
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+# ---------------------------------------------------------------------------------------------- basics
+
+
+def test_version(cli):
+    r = cli("--version")
+    assert r.code == 0
+    assert r.out.strip() == f"cvfm {cvfm.__version__}"
+
+
+def test_root_help_lists_subcommands(cli):
+    r = cli("--help")
+    assert r.code == 0
+    for name in ("models", "pretrain", "embed", "evaluate"):
+        assert name in r.out
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["models"], ["pretrain"], ["embed"], ["evaluate", "knn"], ["evaluate", "linear"]],
+    ids=lambda c: " ".join(c),
+)
+def test_subcommand_help_has_examples(cli, command):
+    r = cli(*command, "--help")
+    assert r.code == 0, r.err
+    assert "Examples" in r.out
+    assert "cvfm " + command[0] in r.out  # the examples are runnable command lines
+
+
+def test_models_json_lines(cli):
+    r = cli("models", "--json")
+    assert r.code == 0, r.err
+    rows = [json.loads(line) for line in r.lines]
+    ids = {row["id"] for row in rows}
+    assert {"cvfm/tiny-resnet", "cvfm/pixels"} <= ids
+    assert all({"id", "source", "input_size", "description"} <= set(row) for row in rows)
+    filtered = [json.loads(line) for line in cli("models", "cvfm/*-resnet", "--json").lines]
+    assert {row["id"] for row in filtered} == {"cvfm/tiny-resnet", "cvfm/small-resnet"}
+
+
+# ---------------------------------------------------------------------------------------------- evaluate
+
+
+def test_evaluate_knn_digits_prints_exactly_one_json_line_subprocess():
+    r = _subprocess(
+        "evaluate",
+        "knn",
+        "cvfm/pixels",
+        "--data",
+        "builtin:digits",
+        "--num-workers",
+        "0",
+        "--k",
+        "5",
+        "--k",
+        "20",
+    )
+    record = _one_json_line(r)
+    assert "Traceback" not in r.err
+    assert record["task"] == "knn" and record["model"] == "cvfm/pixels"
+    assert {"knn_top1@5", "knn_top1@20"} <= set(record["metrics"])
+    assert record["metrics"]["knn_top1@5"] > 0.9
+    assert record["metrics"]["knn_top1@20"] > 0.9
+
+
+def test_evaluate_knn_in_process_and_output_file_appends(cli, digit_folder, tmp_path):
+    args = ("evaluate", "knn", "cvfm/pixels", "--data", digit_folder, "--num-workers", "0", "--k", "3")
+    record = _one_json_line(cli(*args))
+    assert set(record["metrics"]) == {"knn_top1@3"}  # 4 classes: no top-5
+    assert record["data"]["train"] == 128 and record["data"]["test"] == 32
+    assert record["metrics"]["knn_top1@3"] > 0.7
+
+    out = tmp_path / "results.jsonl"
+    out.write_text('{"earlier": true}\n')
+    for _ in range(2):
+        r = cli(*args, "--output", out)
+        assert r.code == 0, r.err
+        assert r.out == ""
+    lines = out.read_text().splitlines()
+    assert len(lines) == 3
+    assert json.loads(lines[0]) == {"earlier": True}
+    assert json.loads(lines[1])["metrics"] == record["metrics"]
+    assert json.loads(lines[2])["metrics"] == record["metrics"]
+
+
+def test_evaluate_linear_on_folder(cli, digit_folder):
+    # tiny-resnet (random init, 128 dims) keeps the 9-point sweep quick; only the record's shape is checked.
+    record = _one_json_line(
+        cli("evaluate", "linear", "cvfm/tiny-resnet", "--data", digit_folder, "--num-workers", "0")
+    )
+    assert record["task"] == "linear" and record["data"]["train"] == 128
+    assert set(record["metrics"]) == {"linear_top1", "val_top1", "best_lr", "best_weight_decay"}
+    assert 0.0 <= record["metrics"]["linear_top1"] <= 1.0
+
+
+# ---------------------------------------------------------------------------------------------- usage errors
+
+
+def test_unknown_model_is_a_one_line_usage_error_subprocess():
+    r = _subprocess("evaluate", "knn", "cvfm/nope", "--data", "builtin:digits", "--num-workers", "0")
+    _assert_usage_error(r, "cvfm/nope")
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["evaluate", "knn", "cvfm/tiny-resnett", "--data", "builtin:digits"], "cvfm/tiny-resnett"),
+        (["evaluate", "knn", "not-a-model-or-folder", "--data", "builtin:digits"], "not-a-model-or-folder"),
+        (["evaluate", "linear", "cvfm/pixels", "--data", "/no/such/images"], "/no/such/images"),
+        (["evaluate", "knn", "cvfm/pixels", "--data", "builtin:nope"], "nope"),
+        (["evaluate", "knn", "cvfm/pixels", "--data", "builtin:digits", "--k", "0"], "--k"),
+        (["evaluate", "knn", "cvfm/pixels", "--data", "builtin:digits", "--train-split", "val"], "val"),
+        (["embed", "cvfm/nope", "--data", "builtin:digits", "-o", "-"], "cvfm/nope"),
+        (["embed", "cvfm/pixels", "--data", "builtin:digits", "-o", "pyproject.toml"], "pyproject.toml"),
+    ],
+    ids=[
+        "typo-preset",
+        "unknown-model",
+        "missing-path",
+        "unknown-builtin",
+        "k-zero",
+        "bad-split",
+        "embed-model",
+        "embed-to-a-file",
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(cli, args, needle, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    before = (ROOT / "pyproject.toml").read_bytes()
+    _assert_usage_error(cli(*args, "--num-workers", "0"), needle)
+    assert (ROOT / "pyproject.toml").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--opt", "local_crops"], "local_crops"),  # no '='
+        (["--opt", "=3"], "=3"),
+        (["--method", "simclr", "--opt", "nope=1"], "nope"),
+        (["--method", "dino", "--opt", "local_crops=many"], "local_crops"),
+        (["--method", "dino", "--opt", "global_scale=0.4"], "global_scale"),
+        (["--method", "mocov9"], "mocov9"),
+        (["--precision", "fp8"], "fp8"),
+    ],
+    ids=[
+        "opt-no-equals",
+        "opt-no-key",
+        "unknown-option",
+        "bad-option-value",
+        "bad-tuple",
+        "unknown-method",
+        "bad-precision",
+    ],
+)
+def test_pretrain_usage_errors(cli, tmp_path, extra, needle):
+    out = tmp_path / "run"
+    r = cli("pretrain", "--data", "builtin:digits", "-o", out, "--epochs", "1", "--num-workers", "0", *extra)
+    _assert_usage_error(r, needle)
+    # Nothing was trained: no run.json, no checkpoints.
+    assert not (out / "run.json").exists()
+    assert not (out / "checkpoints").exists()
+
+
+# ---------------------------------------------------------------------------------------------- pretrain
+
+
+def _check_run_folder(run: Path, method: str) -> None:
+    info = json.loads((run / "run.json").read_text())
+    for key in ("config", "method_config", "resolved", "versions", "seed", "status"):
+        assert key in info, key
+    assert info["status"] == "finished"
+    assert info["config"]["method"] == method
+    assert info["seed"] == 0
+    assert info["resolved"]["steps_per_epoch"] == 2 and info["resolved"]["total_steps"] == 2
+    assert info["versions"]["cvfm"] == cvfm.__version__
+    assert info["step"] == 2
+
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert records and all("step" in r for r in records)
+    losses = [r["train/loss"] for r in records if "train/loss" in r]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+
+    assert (run / "curves.png").read_bytes()[:8] == PNG_MAGIC
+    checkpoints = sorted((run / "checkpoints").glob("step-*"))
+    assert checkpoints and all((c / "model.safetensors").is_file() for c in checkpoints)
+    assert (run / "backbone" / "model.safetensors").is_file()
+    config = json.loads((run / "backbone" / "config.json").read_text())
+    assert config["architecture"] == "resnet18"
+
+
+@pytest.mark.parametrize(
+    ("method", "opts"),
+    [
+        ("simclr", []),
+        ("byol", ["--opt", "proj_hidden=256"]),
+        ("dino", ["--opt", "local_crops=2", "--opt", "teacher_temp=0.05"]),
+    ],
+)
+def test_pretrain_end_to_end(cli, digit_folder, tmp_path, method, opts):
+    run = tmp_path / f"run-{method}"
+    args = (
+        "pretrain",
+        "--data",
+        digit_folder,
+        "--split",
+        "train",
+        "--method",
+        method,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "64",
+        "--num-workers",
+        "0",
+        "-o",
+        run,
+        *opts,
+    )
+    summary = _one_json_line(cli(*args))
+    assert Path(summary["run"]) == run
+    assert Path(summary["backbone"]) == run / "backbone"
+    _check_run_folder(run, method)
+    if method == "dino":
+        info = json.loads((run / "run.json").read_text())
+        assert info["method_config"]["local_crops"] == 2
+        assert info["method_config"]["teacher_temp"] == pytest.approx(0.05)
+
+    # A second run into the same folder is refused and changes nothing.
+    before = _tree(run)
+    _assert_usage_error(cli(*args), str(run), "--overwrite")
+    assert _tree(run) == before
+
+    # The run folder is a registry model.
+    record = _one_json_line(
+        cli("evaluate", "knn", run, "--data", digit_folder, "--num-workers", "0", "--k", "5")
+    )
+    assert record["model"] == str(run)
+    assert 0.0 <= record["metrics"]["knn_top1@5"] <= 1.0
+    assert record["data"] == {"train": 128, "test": 32, "skipped": []}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("method", "opts"), [("simclr", []), ("byol", []), ("dino", ["--opt", "local_crops=2"])]
+)
+def test_pretrain_on_builtin_digits_then_evaluate(cli, tmp_path, method, opts):
+    run = tmp_path / "run"
+    summary = _one_json_line(
+        cli(
+            "pretrain",
+            "--data",
+            "builtin:digits",
+            "--method",
+            method,
+            "--epochs",
+            "1",
+            "--batch-size",
+            "64",
+            "--num-workers",
+            "0",
+            "-o",
+            run,
+            *opts,
+        )
+    )
+    assert Path(summary["run"]) == run
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "finished" and info["resolved"]["steps_per_epoch"] == 1797 // 64
+    record = _one_json_line(cli("evaluate", "knn", run, "--data", "builtin:digits", "--num-workers", "0"))
+    assert record["metrics"]["knn_top1@20"] > 0.3
+
+
+# ---------------------------------------------------------------------------------------------- embed
+
+
+def test_embed_writes_aligned_npy_and_parquet(cli, digit_folder, tmp_path):
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "emb"
+    summary = _one_json_line(
+        cli(
+            "embed",
+            "cvfm/tiny-resnet",
+            "--data",
+            digit_folder,
+            "--split",
+            "test",
+            "-o",
+            out,
+            "--num-workers",
+            "0",
+            "--batch-size",
+            "10",
+        )
+    )
+    assert summary["rows"] == 32 and summary["dim"] == 128 and summary["skipped"] == []
+    emb = np.load(out / "img_emb" / "img_emb_0.npy")
+    table = pq.read_table(out / "metadata" / "metadata_0.parquet").to_pydict()
+    assert emb.shape == (32, 128) and emb.dtype == np.float32
+    assert len(table["id"]) == 32
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), np.ones(32), atol=1e-5)
+    # Row i of the metadata describes row i of the embeddings: the folder's sorted order, labels by class.
+    assert table["id"] == sorted(table["id"])
+    for image_id, label in zip(table["id"], table["label"], strict=True):
+        assert LABELS[image_id.split("/")[0]] == label
+    assert all(Path(p).is_file() for p in table["image"])
+
+    # An existing non-empty folder is refused and left as it was; --overwrite replaces the files.
+    before = _tree(out)
+    _assert_usage_error(
+        cli(
+            "embed",
+            "cvfm/tiny-resnet",
+            "--data",
+            digit_folder,
+            "--split",
+            "test",
+            "-o",
+            out,
+            "--num-workers",
+            "0",
+        ),
+        str(out),
+        "--overwrite",
+    )
+    assert _tree(out) == before
+    r = cli(
+        "embed",
+        "cvfm/pixels",
+        "--data",
+        digit_folder,
+        "--split",
+        "test",
+        "-o",
+        out,
+        "--num-workers",
+        "0",
+        "--overwrite",
+        "--no-normalize",
+    )
+    assert r.code == 0, r.err
+    assert np.load(out / "img_emb" / "img_emb_0.npy").shape == (32, 3 * 32 * 32)
+
+
+def test_embed_to_stdout_as_json_lines(cli, digit_folder):
+    r = cli(
+        "embed",
+        "cvfm/tiny-resnet",
+        "--data",
+        digit_folder,
+        "--split",
+        "test",
+        "-o",
+        "-",
+        "--num-workers",
+        "0",
+    )
+    assert r.code == 0, r.err
+    rows = [json.loads(line) for line in r.lines]
+    assert len(rows) == 32  # the embeddings only: no summary line mixed in
+    for row in rows:
+        assert set(row) == {"id", "label", "embedding"}
+        assert LABELS[row["id"].split("/")[0]] == row["label"]
+        assert len(row["embedding"]) == 128
+        assert np.linalg.norm(row["embedding"]) == pytest.approx(1.0, abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- bad images
+
+
+@pytest.fixture
+def folder_with_corrupt_image(tmp_path) -> tuple[Path, Path]:
+    rng = np.random.default_rng(0)
+    root = tmp_path / "imgs"
+    for name, base in (("dark", 30), ("light", 220)):
+        for i in range(6):
+            _write_png(
+                root / name / f"{i}.png", np.clip(base + rng.normal(0, 10, (8, 8)), 0, 255).astype(np.uint8)
+            )
+    bad = root / "dark" / "broken.png"
+    bad.write_bytes(b"this is not a png at all" * 10)
+    return root, bad
+
+
+def test_corrupt_image_is_skipped_and_reported(cli, folder_with_corrupt_image):
+    root, bad = folder_with_corrupt_image
+    r = cli(
+        "evaluate",
+        "knn",
+        "cvfm/pixels",
+        "--data",
+        root,
+        "--test-data",
+        root,
+        "--train-split",
+        "",
+        "--test-split",
+        "",
+        "--num-workers",
+        "0",
+        "--k",
+        "3",
+    )
+    record = _one_json_line(r)
+    assert record["data"]["train"] == 12 and record["data"]["test"] == 12
+    skipped = record["data"]["skipped"]
+    assert len(skipped) == 1
+    assert skipped[0]["where"] == str(bad)
+    assert skipped[0]["reason"]
+    assert record["metrics"]["knn_top1@3"] == pytest.approx(1.0)
+
+
+def test_corrupt_image_with_strict_exits_1_naming_the_file(cli, folder_with_corrupt_image):
+    root, bad = folder_with_corrupt_image
+    r = cli(
+        "evaluate",
+        "knn",
+        "cvfm/pixels",
+        "--data",
+        root,
+        "--test-data",
+        root,
+        "--train-split",
+        "",
+        "--test-split",
+        "",
+        "--num-workers",
+        "0",
+        "--strict",
+    )
+    assert r.code == 1, r.err
+    assert r.out == ""
+    assert r.err.startswith("cvfm: error: ")
+    assert str(bad) in r.err
+    assert "Traceback" not in r.err
+
+
+def test_empty_split_means_no_split(cli, folder_with_corrupt_image):
+    root, _ = folder_with_corrupt_image
+    # Without '' the default splits ('train'/'test' sub-folders) are looked up and do not exist here.
+    _assert_usage_error(cli("evaluate", "knn", "cvfm/pixels", "--data", root, "--num-workers", "0"), "train")
+
+
+def test_empty_split_means_no_split_for_a_manifest(cli, folder_with_corrupt_image, tmp_path):
+    # A manifest without "split" fields: '' must select every line, not the lines whose split is ''.
+    root, bad = folder_with_corrupt_image
+    manifest = tmp_path / "all.jsonl"
+    lines = [json.dumps({"image": str(p), "label": p.parent.name}) for p in sorted(root.rglob("*.png"))]
+    manifest.write_text("\n".join(lines) + "\n")
+    record = _one_json_line(
+        cli(
+            "evaluate",
+            "knn",
+            "cvfm/pixels",
+            "--data",
+            manifest,
+            "--test-data",
+            manifest,
+            "--train-split",
+            "",
+            "--test-split",
+            "",
+            "--num-workers",
+            "0",
+            "--k",
+            "3",
+        )
+    )
+    assert record["data"]["train"] == 12
+    assert [s["where"] for s in record["data"]["skipped"]] == [str(bad)]

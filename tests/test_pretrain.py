@@ -1,0 +1,130 @@
+"""The shared training loop: exact resume, collapse signals, refusal to overwrite."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cvfm.errors import UsageError
+from cvfm.runtime.checkpoint import latest_checkpoint
+from cvfm.runtime.trainer import PretrainConfig, pretrain
+
+
+@pytest.fixture(autouse=True)
+def _data(digit_folder, monkeypatch):
+    monkeypatch.setitem(DEFAULTS, "data", str(digit_folder))
+
+
+DEFAULTS = dict(
+    split="train",
+    method="dino",
+    model="cvfm/tiny-resnet",
+    epochs=2,
+    batch_size=32,
+    num_workers=0,
+    checkpoint_every=3,
+    options={"local_crops": "2", "out_dim": "128"},
+)
+
+
+def _config(out, **kw) -> PretrainConfig:
+    """128 images, batch 32: 4 steps an epoch."""
+    return PretrainConfig(**{**DEFAULTS, "output": str(out), **kw})
+
+
+def _weights(run) -> dict[str, torch.Tensor]:
+    return load_file(run / "backbone" / "model.safetensors")
+
+
+def _final_state(run) -> dict[str, torch.Tensor]:
+    return load_file(latest_checkpoint(run / "checkpoints") / "model.safetensors")
+
+
+class Crash(Exception):
+    pass
+
+
+def _stop_at(step_to_stop: int, exc: type[BaseException] | None = None):
+    """Raise `exc` at that step, or (None) send this process a real SIGINT, as Ctrl-C would."""
+
+    def on_step(step: int) -> None:
+        if step == step_to_stop:
+            if exc is None:
+                os.kill(os.getpid(), signal.SIGINT)
+            else:
+                raise exc()
+
+    return on_step
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+
+
+@pytest.mark.parametrize("method", ["dino", "byol"])
+def test_interrupted_run_resumes_to_identical_weights(tmp_path, method):
+    opts = {} if method == "byol" else {"local_crops": "2", "out_dim": "128"}
+    full = pretrain(_config(tmp_path / "full", method=method, options=opts))
+
+    # Ctrl-C mid-epoch: the step finishes, a checkpoint is written there, and the run resumes from it.
+    part = tmp_path / "part"
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(_config(part, method=method, options=opts), on_step=_stop_at(5))
+    assert json.loads((part / "run.json").read_text())["status"] == "interrupted"
+    assert latest_checkpoint(part / "checkpoints").name == "step-00000005"
+    pretrain(_config(part, resume=True))
+
+    _assert_same(_weights(full), _weights(part))
+    _assert_same(_final_state(full), _final_state(part))  # teacher, heads, DINO centre included
+    steps = [
+        r["step"]
+        for r in map(json.loads, (part / "metrics.jsonl").read_text().splitlines())
+        if "train/loss" in r
+    ]
+    assert steps == sorted(set(steps)), "resumed metrics must not repeat steps"
+
+
+def test_crash_resumes_from_last_periodic_checkpoint(tmp_path):
+    full = pretrain(_config(tmp_path / "full", epochs=2))
+    part = tmp_path / "part"
+    with pytest.raises(Crash):
+        pretrain(_config(part, epochs=2), on_step=_stop_at(7, Crash))  # no checkpoint at 7; the last is at 6
+    assert latest_checkpoint(part / "checkpoints").name == "step-00000006"
+    pretrain(_config(part, resume=True))
+    _assert_same(_weights(full), _weights(part))
+
+
+def test_existing_run_folder_is_refused(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(UsageError, match="--overwrite"):
+        pretrain(_config(out, epochs=1))
+    assert (out / "keep.txt").read_text() == "precious"
+
+
+def _entropy_run(tmp_path, name, **options):
+    opts = {"local_crops": "2", "out_dim": "64", **options}
+    run = pretrain(_config(tmp_path / name, epochs=6, lr=3e-3, options=opts))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in records if "train/teacher_entropy" in r][-5:]
+    entropy = sum(r["train/teacher_entropy"] for r in last) / len(last)
+    return entropy, last[-1]["train/teacher_entropy_max"]
+
+
+def test_dino_without_centering_or_sharpening_shows_collapse(tmp_path):
+    healthy, ln_k = _entropy_run(tmp_path, "both")
+    no_center, _ = _entropy_run(tmp_path, "no_center", centering="false")
+    no_sharpen, _ = _entropy_run(tmp_path, "no_sharpen", sharpening="false")
+    # DINO paper, Fig. 7: sharpening alone collapses to one dimension (entropy -> 0),
+    # centering alone to the uniform distribution (entropy -> ln K).
+    assert no_center < 0.5 * healthy
+    assert no_sharpen > 0.99 * ln_k
+    assert healthy < 0.97 * ln_k
