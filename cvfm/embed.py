@@ -19,6 +19,7 @@ from cvfm.errors import UsageError
 from cvfm.eval.features import extract_features
 from cvfm.registry import create_encoder
 from cvfm.runtime.files import atomic_write
+from cvfm.runtime.threads import share_cores_with_workers
 
 
 def embed_images(
@@ -51,13 +52,16 @@ def embed_images(
     )
     encoder = create_encoder(model, pretrained=pretrained, trust_remote_code=trust_remote_code)
     skips = SkipLog(strict, source.skipped)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        share_cores_with_workers(num_workers)
     feats, labels, index = extract_features(
         encoder,
         source,
         batch_size=batch_size,
         num_workers=num_workers,
         skips=skips,
-        device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        device=device,
         desc="embed",
     )
     if normalize and len(feats):

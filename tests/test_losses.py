@@ -252,8 +252,13 @@ def _random_views(method, batch=4):
 
 
 def test_dino_freezes_last_layer_for_the_configured_steps():
-    method = _dino({"freeze_last_layer_epochs": "1"}, steps_per_epoch=5)
+    method = _dino({"freeze_last_layer_epochs": "1"}, steps_per_epoch=5, total_steps=100)
     assert method.freeze_last_layer_steps == 5
+    # In a short run the freeze is capped at 10% of it, like the warm-ups.
+    assert (
+        _dino({"freeze_last_layer_epochs": "1"}, steps_per_epoch=5, total_steps=20).freeze_last_layer_steps
+        == 2
+    )
     last = method.head.last_layer.parametrizations.weight.original1
 
     def grads_after_hook(step):

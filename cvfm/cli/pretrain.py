@@ -21,7 +21,7 @@ def pretrain(
     epochs: int = typer.Option(10, "--epochs", min=1),
     batch_size: int = typer.Option(64, "--batch-size", "-b", min=2, help="Per process."),
     lr: float = typer.Option(
-        None, "--lr", help="Peak learning rate (default: method's base lr x batch / 256)."
+        None, "--lr", help="Peak learning rate (default: method's base lr x sqrt(batch / 256))."
     ),
     grad_accum: int = typer.Option(1, "--grad-accum", min=1, help="Gradient accumulation steps."),
     precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 (mixed precision)."),

@@ -15,6 +15,7 @@ from cvfm.eval.features import extract_features
 from cvfm.eval.knn import check_ks, knn_evaluate
 from cvfm.eval.linear import linear_evaluate
 from cvfm.registry import create_encoder
+from cvfm.runtime.threads import share_cores_with_workers
 
 
 def evaluate(
@@ -59,6 +60,8 @@ def evaluate(
     test_to_train = _class_map(train, test)
     encoder = create_encoder(model, pretrained=pretrained, trust_remote_code=trust_remote_code)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        share_cores_with_workers(num_workers)
     skips = SkipLog(strict, train.skipped + test.skipped)
     common = {"batch_size": batch_size, "num_workers": num_workers, "device": device, "skips": skips}
     xtr, ytr, _ = extract_features(encoder, train, desc="train features", **common)

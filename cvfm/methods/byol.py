@@ -27,7 +27,7 @@ def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 
 
 class BYOL(Method):
-    base_lr = 1e-3
+    base_lr = 2e-3
     weight_decay = (1e-6, 1e-6)
 
     def __init__(self, encoder, cfg: BYOLConfig, budget):

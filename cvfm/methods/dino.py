@@ -2,8 +2,8 @@
 
 Defaults are main_dino.py's: student temperature 0.1, teacher 0.04 -> 0.07 warm-up, centre momentum
 0.9, EMA 0.996 -> 1 (cosine), weight decay 0.04 -> 0.4, gradient clipping 3.0, last layer frozen
-for the first epoch, AdamW at 5e-4 x batch / 256. Sizes that depend on the data are resolved
-from the dataset (see `DINOConfig.resolve`) and recorded in run.json.
+for the first epoch (at most 10% of the run), AdamW at 5e-4 at batch 256 (sqrt-scaled). Sizes that
+depend on the data are resolved from the dataset (see `DINOConfig.resolve`) and recorded in run.json.
 """
 
 from __future__ import annotations
@@ -118,7 +118,8 @@ class DINO(Method):
             cfg.warmup_teacher_temp if cfg.sharpening else teacher_temp, teacher_temp, warm, steps
         )
         self.momentum = cosine(cfg.momentum_teacher, 1.0, steps)
-        self.freeze_last_layer_steps = int(cfg.freeze_last_layer_epochs * per_epoch)
+        # One epoch of 100 in the paper; capped at 10% of shorter runs, like the warm-ups.
+        self.freeze_last_layer_steps = min(int(cfg.freeze_last_layer_epochs * per_epoch), int(0.1 * steps))
         self.resolved = {
             "warmup_teacher_temp_steps": warm,
             "freeze_last_layer_steps": self.freeze_last_layer_steps,

@@ -40,7 +40,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
 
 
 class SimCLR(Method):
-    base_lr = 1e-3
+    base_lr = 2e-3
     weight_decay = (1e-4, 1e-4)
 
     def __init__(self, encoder, cfg: SimCLRConfig, budget):

@@ -35,6 +35,7 @@ from cvfm.runtime.checkpoint import latest_checkpoint, load_checkpoint, save_che
 from cvfm.runtime.progress import log, progress
 from cvfm.runtime.run_dir import RunDir
 from cvfm.runtime.schedules import cosine
+from cvfm.runtime.threads import share_cores_with_workers
 from cvfm.runtime.tracking import JsonlTracker, plot_curves, truncate_metrics
 
 PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -80,7 +81,7 @@ class PretrainConfig:
     label_column: str | None = None
     epochs: int = 10
     batch_size: int = 64  # per process
-    lr: float | None = None  # auto: the method's base lr x global batch / 256
+    lr: float | None = None  # auto: the method's base lr x sqrt(global batch / 256)
     warmup_epochs: float = 1.0  # capped at 10% of the run
     min_lr: float = 1e-6
     grad_accum: int = 1
@@ -164,6 +165,8 @@ class _Trainer:
             strict=cfg.strict,
         )
         self.run, self.accelerator = run, _make_accelerator(cfg, run)
+        if self.accelerator.device.type == "cpu":
+            share_cores_with_workers(cfg.num_workers)
         world = self.accelerator.num_processes
         self.steps_per_epoch = len(source) // (cfg.batch_size * world) // cfg.grad_accum
         if self.steps_per_epoch < 1:
@@ -179,7 +182,7 @@ class _Trainer:
         if world > 1 and self.accelerator.device.type == "cuda":  # SyncBatchNorm needs CUDA
             method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
         run.create()  # only now that the request is known to be valid
-        lr = cfg.lr or method.base_lr * budget.batch_size / 256
+        lr = cfg.lr or method.base_lr * math.sqrt(budget.batch_size / 256)
         warmup = min(int(cfg.warmup_epochs * self.steps_per_epoch), int(0.1 * self.total_steps))
         self.lrs = cosine(lr, cfg.min_lr, self.total_steps, warmup_steps=warmup)
         self.wds = cosine(*method.weight_decay, self.total_steps)
