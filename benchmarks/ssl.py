@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -89,19 +88,11 @@ def say(*parts) -> None:
 
 def versions() -> dict:
     import lightly
-    import timm
     import torchvision
 
-    import cvfm
+    from cvfm.runtime.trainer import versions as cvfm_versions
 
-    return {
-        "cvfm": cvfm.__version__,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "timm": timm.__version__,
-        "lightly": lightly.__version__,
-        "python": platform.python_version(),
-    }
+    return {**cvfm_versions(), "torchvision": torchvision.__version__, "lightly": lightly.__version__}
 
 
 def method_options(name: str, args) -> dict:
@@ -324,9 +315,9 @@ class LightlyDINO(nn.Module):
         self.concat, self.steps_per_epoch = concat, steps_per_epoch
         dims = (backbone.num_features, cfg.hidden_dim, cfg.bottleneck_dim, cfg.out_dim)
         self.student_backbone = backbone
-        self.student_head = DINOProjectionHead(*dims, batch_norm=False, freeze_last_layer=1)
+        self.student_head = DINOProjectionHead(*dims, batch_norm=cfg.head_bn, freeze_last_layer=1)
         self.teacher_backbone = copy.deepcopy(backbone)
-        self.teacher_head = DINOProjectionHead(*dims, batch_norm=False)
+        self.teacher_head = DINOProjectionHead(*dims, batch_norm=cfg.head_bn)
         deactivate_requires_grad(self.teacher_backbone)
         deactivate_requires_grad(self.teacher_head)
         self.criterion = DINOLoss(

@@ -49,7 +49,14 @@ PRESETS: dict[str, Preset] = {
     ),
     "cvfm/tiny-vit": Preset(
         "vit_tiny_patch16_224",
-        {"img_size": 32, "patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3},
+        {
+            "img_size": 32,
+            "patch_size": 4,
+            "embed_dim": 96,
+            "depth": 4,
+            "num_heads": 3,
+            "dynamic_img_size": True,
+        },
         32,
         "0.5M-param ViT (patch 4, dim 96, depth 4) at 32 px",
     ),

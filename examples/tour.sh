@@ -19,7 +19,8 @@ cat "$OUT/results.jsonl"
 
 # Embeddings in the clip-retrieval layout, and as JSON lines on stdout.
 cvfm embed "$OUT/dino" --data "$DATA" --split test --output "$OUT/emb" --overwrite
-cvfm embed "$OUT/dino" --data "$DATA" --split test --output - | head -c 200; echo
+cvfm embed "$OUT/dino" --data "$DATA" --split test --output - > "$OUT/test_embeddings.jsonl"
+head -c 200 "$OUT/test_embeddings.jsonl"; echo
 
 # The exported backbone is a plain timm model.
 python -c "import timm, sys; m = timm.create_model('local-dir:' + sys.argv[1], pretrained=True); print(type(m).__name__, m.num_features)" "$OUT/dino/backbone"

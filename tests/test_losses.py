@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from cvfm.data.views import Preprocess
 from cvfm.errors import UsageError
 from cvfm.methods import Budget, build_method
 from cvfm.methods.base import configure, ema_update
@@ -171,6 +172,16 @@ def test_dino_loss_has_no_gradient_into_teacher():
     assert teacher.grad is None
 
 
+def test_dino_head_batch_norm_option():
+    plain = DINOHead(in_dim=16, out_dim=32, hidden_dim=24, bottleneck_dim=8)
+    with_bn = DINOHead(in_dim=16, out_dim=32, hidden_dim=24, bottleneck_dim=8, batch_norm=True)
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in plain.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in with_bn.modules()) == 2
+    # With BN, a constant shift of the input (the shared component of post-ReLU CNN features) is removed.
+    x = torch.randn(6, 16)
+    torch.testing.assert_close(with_bn.mlp(x + 5.0), with_bn.mlp(x), atol=1e-4, rtol=1e-4)
+
+
 def test_dino_head_shapes_weight_norm_and_normalised_bottleneck():
     torch.manual_seed(0)
     head = DINOHead(in_dim=16, out_dim=32, hidden_dim=24, bottleneck_dim=8)
@@ -221,13 +232,19 @@ def test_dino_update_center_is_an_ema_of_batch_means():
     np.testing.assert_allclose(_np(method.center[0]), 0.9 * _np(old[0]) + 0.1 * batch_mean, atol=1e-6)
 
 
+def _fake_encoder(embed_dim: int, size: int, batch_norm: bool = False) -> torch.nn.Module:
+    enc = torch.nn.Sequential(torch.nn.BatchNorm2d(3) if batch_norm else torch.nn.Identity())
+    enc.num_features, enc.preprocess = embed_dim, Preprocess(size=size)
+    return enc
+
+
 @pytest.mark.parametrize(
     ("num_images", "out_dim", "teacher_temp"),
     [(10_000, 1024, 0.04), (2_000_000, 65536, 0.07), (150_000, 16384, 0.07), (1000, 256, 0.04)],
 )
 def test_dino_config_resolves_auto_values_from_dataset_size(num_images, out_dim, teacher_temp):
     budget = Budget(num_images=num_images, steps_per_epoch=10, total_steps=100, batch_size=64)
-    cfg = DINOConfig().resolve(embed_dim=128, global_size=224, budget=budget)
+    cfg = DINOConfig().resolve(_fake_encoder(128, 224), budget)
     assert cfg.out_dim == out_dim
     assert cfg.teacher_temp == pytest.approx(teacher_temp)
     assert cfg.hidden_dim == min(2048, 8 * 128)
@@ -237,10 +254,17 @@ def test_dino_config_resolves_auto_values_from_dataset_size(num_images, out_dim,
 def test_dino_config_keeps_explicit_values():
     budget = Budget(num_images=2_000_000, steps_per_epoch=10, total_steps=100, batch_size=64)
     cfg = DINOConfig(out_dim=300, teacher_temp=0.05, hidden_dim=64, local_size=12)
-    cfg.resolve(embed_dim=128, global_size=32, budget=budget)
+    cfg.resolve(_fake_encoder(128, 32), budget)
     assert (cfg.out_dim, cfg.teacher_temp, cfg.hidden_dim, cfg.local_size) == (300, 0.05, 64, 12)
     # Small images: local crops are at least 8 px.
-    assert DINOConfig().resolve(16, 16, budget).local_size == 8
+    assert DINOConfig().resolve(_fake_encoder(16, 16), budget).local_size == 8
+
+
+def test_dino_head_batch_norm_auto_follows_the_backbone():
+    budget = Budget(num_images=1000, steps_per_epoch=10, total_steps=100, batch_size=64)
+    assert DINOConfig().resolve(_fake_encoder(16, 32, batch_norm=True), budget).head_bn is True
+    assert DINOConfig().resolve(_fake_encoder(16, 32), budget).head_bn is False
+    assert DINOConfig(head_bn=False).resolve(_fake_encoder(16, 32, batch_norm=True), budget).head_bn is False
 
 
 def _random_views(method, batch=4):

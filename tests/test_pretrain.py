@@ -111,7 +111,7 @@ def test_existing_run_folder_is_refused(tmp_path):
 
 
 def _entropy_run(tmp_path, name, **options):
-    opts = {"local_crops": "2", "out_dim": "64", **options}
+    opts = {"local_crops": "2", "out_dim": "64", "head_bn": "false", **options}  # the paper's plain head
     run = pretrain(_config(tmp_path / name, epochs=6, lr=3e-3, options=opts))
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in records if "train/teacher_entropy" in r][-5:]
@@ -128,3 +128,57 @@ def test_dino_without_centering_or_sharpening_shows_collapse(tmp_path):
     assert no_center < 0.5 * healthy
     assert no_sharpen > 0.99 * ln_k
     assert healthy < 0.97 * ln_k
+
+
+def test_trackers_monitor_and_run_record(tmp_path, digit_folder):
+    run = pretrain(
+        _config(
+            tmp_path / "run",
+            method="simclr",
+            options={},
+            log=("jsonl", "tensorboard"),
+            monitor=str(digit_folder),
+        )
+    )
+    assert list((run / "cvfm").glob("events.out.tfevents.*")), "TensorBoard tracker wrote no event file"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    monitored = [r for r in records if "monitor/knn_top1@20" in r]
+    assert [r["step"] for r in monitored] == [0, 4, 8]  # before training, then after each epoch
+    assert all(0.0 <= r["monitor/knn_top1@20"] <= 1.0 for r in monitored)
+    assert monitored[-1]["monitor/knn_top1@20"] > 0.5  # 4 digit classes: chance is 0.25
+    record = json.loads((run / "run.json").read_text())
+    assert record["status"] == "finished" and record["step"] == 8
+    assert record["resolved"]["total_steps"] == 8 and record["resolved"]["steps_per_epoch"] == 4
+    assert record["data"]["images"] == 128 and record["data"]["classes"] == ["one", "three", "two", "zero"]
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
+    run = pretrain(
+        _config(tmp_path / "run", method="simclr", options={}, epochs=1, batch_size=16, grad_accum=2)
+    )
+    record = json.loads((run / "run.json").read_text())
+    assert record["resolved"]["steps_per_epoch"] == 4  # 128 images / (16 x 2)
+    assert record["resolved"]["global_batch_size"] == 32
+    steps = [
+        r["step"]
+        for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+        if "train/loss" in r
+    ]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_vit_backbone_pretrains_and_exports(tmp_path):
+    import timm
+
+    run = pretrain(_config(tmp_path / "vit", model="cvfm/tiny-vit", epochs=1))
+    assert (
+        json.loads((run / "run.json").read_text())["method_config"]["head_bn"] is False
+    )  # no BatchNorm in a ViT
+    model = timm.create_model(f"local-dir:{run / 'backbone'}", pretrained=True).eval()
+    from cvfm import create_encoder
+
+    encoder = create_encoder(str(run)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model(x), encoder(x))
+    assert not list(run.glob(".*.tmp")), "no temporary folder is left behind"

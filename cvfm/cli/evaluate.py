@@ -18,11 +18,19 @@ Output = typer.Option("-", "--output", help="Append the JSON line to this file i
 RandomInit = typer.Option(False, "--random-init", help="Ignore pretrained weights (a random-init baseline).")
 
 
-def _run(task: str, output: str, **kw) -> None:
+def _run(
+    task: str, *, output: str, train_split: str, test_split: str, random_init: bool, k=None, **kw
+) -> None:
+    """Map CLI values onto `cvfm.eval.run.evaluate` ('' means no split) and emit its JSON line."""
     from cvfm.cli.app import emit
     from cvfm.eval.run import evaluate
 
-    emit(evaluate(task, **kw), output)
+    if k is not None:
+        kw["ks"] = tuple(k)
+    record = evaluate(
+        task, train_split=train_split or None, test_split=test_split or None, pretrained=not random_init, **kw
+    )
+    emit(record, output)
 
 
 @app.command("knn")
@@ -55,25 +63,7 @@ def knn(
       cvfm evaluate knn hf/facebook/dinov2-small --data photos/train --test-data photos/val \\
         --train-split '' --test-split ''
     """
-    _run(
-        "knn",
-        output,
-        model=model,
-        data=data,
-        test_data=test_data,
-        train_split=train_split or None,
-        test_split=test_split or None,
-        ks=tuple(k),
-        temperature=temperature,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        seed=seed,
-        pretrained=not random_init,
-        image_column=image_column,
-        label_column=label_column,
-        strict=strict,
-        trust_remote_code=trust_remote_code,
-    )
+    _run("knn", **locals())
 
 
 @app.command("linear")
@@ -101,20 +91,4 @@ def linear(
 
       cvfm evaluate linear cvfm/tiny-resnet --data builtin:animal-mnist --output results.jsonl
     """
-    _run(
-        "linear",
-        output,
-        model=model,
-        data=data,
-        test_data=test_data,
-        train_split=train_split or None,
-        test_split=test_split or None,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        seed=seed,
-        pretrained=not random_init,
-        image_column=image_column,
-        label_column=label_column,
-        strict=strict,
-        trust_remote_code=trust_remote_code,
-    )
+    _run("linear", **locals())

@@ -78,28 +78,25 @@ def configure(config_cls, options: dict):
 
 
 def _parse(raw, default, key, annotation: str = ""):
-    """`annotation` is the field's declared type: `float | None` and `x: float = 30` parse as floats."""
+    """Parse a `--opt` string by the field's declared type (`bool | None`, `float`, `tuple`, ...)."""
     if not isinstance(raw, str):
         return raw
-    declared_float = "float" in annotation
     try:
-        if isinstance(default, bool):
+        if "None" in annotation and raw.lower() in ("none", "auto"):
+            return None
+        if "bool" in annotation:
             if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
                 raise ValueError
             return raw.lower() in ("true", "1", "yes")
-        if isinstance(default, float) or (declared_float and isinstance(default, int)):
+        if "float" in annotation:
             return float(raw)
-        if isinstance(default, int):
+        if "int" in annotation:
             return int(raw)
-        if isinstance(default, tuple):
+        if "tuple" in annotation:
             parts = tuple(float(v) for v in raw.split(","))
             if len(parts) != len(default):  # e.g. a crop scale needs (min, max)
                 raise ValueError
             return parts
-        if default is None:
-            if raw.lower() in ("none", "auto"):
-                return None
-            return float(raw) if declared_float else int(raw)
     except ValueError:
         raise UsageError(f"option {key}={raw!r}: expected a value like {default!r}") from None
     return raw
@@ -128,9 +125,11 @@ def frozen_copy(module: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
-    """target <- m * target + (1 - m) * online, parameter by parameter."""
-    for t, o in zip(target.parameters(), online.parameters(), strict=True):
-        t.mul_(momentum).add_(o.detach(), alpha=1 - momentum)
+    """target <- m * target + (1 - m) * online, all parameters in one fused call (as timm's ModelEmaV3)."""
+    targets, onlines = list(target.parameters()), [p.detach() for p in online.parameters()]
+    if len(targets) != len(onlines):
+        raise ValueError("EMA target and online network have different parameters")
+    torch._foreach_lerp_(targets, onlines, 1.0 - momentum)
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,10 @@
 
 Defaults are main_dino.py's: student temperature 0.1, teacher 0.04 -> 0.07 warm-up, centre momentum
 0.9, EMA 0.996 -> 1 (cosine), weight decay 0.04 -> 0.4, gradient clipping 3.0, last layer frozen
-for the first epoch (at most 10% of the run), AdamW at 5e-4 at batch 256 (sqrt-scaled). Sizes that
-depend on the data are resolved from the dataset (see `DINOConfig.resolve`) and recorded in run.json.
+for the first epoch (at most 10% of the run), AdamW. One deviation: the learning rate is 2e-3 at batch
+256, sqrt-scaled (1e-3 at batch 64, 4e-3 at 1024), not 5e-4 x batch / 256. On Animal-MNIST at batch 64,
+1e-3 beat 5e-4 and 2e-3 (3 epochs, k-NN 79.9 vs 78.1 and 76.5). Sizes that depend on the data are
+resolved from the dataset (see `DINOConfig.resolve`) and recorded in run.json.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cvfm.data.views import MultiView, multi_crop
+from cvfm.errors import UsageError
 from cvfm.methods.base import Budget, Method, ema_update, feature_std, frozen_copy
 from cvfm.runtime.schedules import cosine, linear_then_constant
 
@@ -25,8 +28,9 @@ class DINOConfig:
     out_dim: int | None = None  # auto: 65536 (paper) for >= 1M images, else ~N/10 rounded to a power of 2
     hidden_dim: int | None = None  # auto: 2048 (paper) or 8x the embedding size when smaller
     bottleneck_dim: int = 256
+    head_bn: bool | None = None  # main_dino.py's --use_bn_in_head; auto: on for backbones with BatchNorm
     local_crops: int = 8
-    local_size: int | None = None  # auto: 96/224 of the global size, at least 8 px
+    local_size: int | None = None  # auto: 96/224 of the global size, at least 8 px, whole ViT patches
     global_scale: tuple = (0.4, 1.0)
     local_scale: tuple = (0.05, 0.4)
     student_temp: float = 0.1
@@ -39,27 +43,57 @@ class DINOConfig:
     centering: bool = True  # off only to study collapse
     sharpening: bool = True  # off: the teacher uses the student's temperature
 
-    def resolve(self, embed_dim: int, global_size: int, budget: Budget) -> DINOConfig:
-        n = budget.num_images
+    def resolve(self, encoder, budget: Budget) -> DINOConfig:
+        n, embed_dim, global_size = budget.num_images, encoder.num_features, encoder.preprocess.size
         if self.out_dim is None:
             self.out_dim = (
                 65536 if n >= 1_000_000 else int(min(65536, max(256, 2 ** round(math.log2(n / 10)))))
             )
         self.hidden_dim = self.hidden_dim or min(2048, 8 * embed_dim)
-        self.local_size = self.local_size or max(8, round(global_size * 96 / 224))
+        if self.local_size is None:
+            self.local_size = max(8, round(global_size * 96 / 224))
+            patch = getattr(getattr(getattr(encoder, "model", None), "patch_embed", None), "patch_size", None)
+            if patch:  # a ViT: whole patches only
+                p = patch[0] if isinstance(patch, (tuple, list)) else int(patch)
+                self.local_size = max(p, round(self.local_size / p) * p)
         self.teacher_temp = self.teacher_temp or (0.07 if n >= 100_000 else 0.04)
+        if self.head_bn is None:
+            # Post-ReLU CNN features share a large common component; without BN in the head the centred
+            # teacher is near-uniform and short runs collapse to it (tiny-resnet on Animal-MNIST, 3 epochs:
+            # k-NN 75.1% without, 79.9% with; random init 79.2%).
+            self.head_bn = any(isinstance(m, nn.BatchNorm2d) for m in encoder.modules())
         return self
+
+
+def _check_input_size(encoder, size: int) -> None:
+    """Local crops are smaller than global ones: refuse, clearly, a backbone with a fixed input size."""
+    was_training = encoder.training
+    try:
+        with torch.no_grad():
+            encoder.eval()(torch.zeros(1, 3, size, size))
+    except (AssertionError, RuntimeError, ValueError) as e:
+        raise UsageError(
+            f"{encoder.name} cannot take {size}px local crops ({str(e).splitlines()[0]}): build it with "
+            "dynamic_img_size=True, or pass --opt local_size=<its input size> or --opt local_crops=0"
+        ) from None
+    finally:
+        encoder.train(was_training)
 
 
 class DINOHead(nn.Module):
     """3-layer MLP (GELU) -> L2-normalised bottleneck -> weight-normalised linear layer (g fixed to 1)."""
 
-    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int, bottleneck_dim: int):
+    def __init__(
+        self, in_dim: int, out_dim: int, hidden_dim: int, bottleneck_dim: int, batch_norm: bool = False
+    ):
         super().__init__()
+        norm = (lambda: nn.BatchNorm1d(hidden_dim)) if batch_norm else nn.Identity
         self.mlp = nn.Sequential(
             nn.Linear(in_dim, hidden_dim),
+            norm(),
             nn.GELU(),
             nn.Linear(hidden_dim, hidden_dim),
+            norm(),
             nn.GELU(),
             nn.Linear(hidden_dim, bottleneck_dim),
         )
@@ -101,14 +135,18 @@ def dino_loss(
 
 
 class DINO(Method):
-    base_lr = 5e-4
+    base_lr = 2e-3
     weight_decay = (0.04, 0.4)
     clip_grad = 3.0
 
     def __init__(self, encoder, cfg: DINOConfig, budget: Budget):
-        cfg.resolve(encoder.num_features, encoder.preprocess.size, budget)
+        cfg.resolve(encoder, budget)
         super().__init__(encoder, cfg, budget)
-        self.head = DINOHead(encoder.num_features, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim)
+        if cfg.local_crops:
+            _check_input_size(encoder, cfg.local_size)
+        self.head = DINOHead(
+            encoder.num_features, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.head_bn
+        )
         self.teacher = frozen_copy(nn.Sequential(encoder, self.head))
         self.register_buffer("center", torch.zeros(1, cfg.out_dim))
         steps, per_epoch = budget.total_steps, budget.steps_per_epoch

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import shutil
 import signal
 import threading
 import time
@@ -101,7 +102,8 @@ class PretrainConfig:
     options: dict = field(default_factory=dict)  # method options (--opt key=value)
 
 
-def _versions() -> dict:
+def versions() -> dict:
+    """Library versions recorded in run.json."""
     import accelerate
     import timm
     import transformers
@@ -213,7 +215,7 @@ class _Trainer:
                 "num_processes": world,
                 **getattr(self.core, "resolved", {}),
             },
-            "versions": _versions(),
+            "versions": versions(),
             "seed": cfg.seed,
             "data": {"name": source.name, "images": len(source), "classes": source.classes},
         }
@@ -247,7 +249,7 @@ class _Trainer:
                 raise
         acc.wait_for_everyone()
         if self.is_main:
-            self.core.encoder.save(run.backbone)
+            _save_atomically(self.core.encoder, run.backbone)
         self._finish("finished", t0)
         return run.path
 
@@ -363,6 +365,15 @@ class _Trainer:
             if self.skips.entries:
                 log(f"skipped {len(self.skips.entries)} unreadable item(s); listed in {self.run.run_json}")
         self.accelerator.end_training()
+
+
+def _save_atomically(encoder, folder: Path) -> None:
+    """Write the encoder next to `folder`, then swap it in: a kill never leaves half a backbone."""
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    encoder.save(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
 
 
 def _summary(epoch: int, epochs: int, logs: dict) -> None:
