@@ -119,7 +119,7 @@ def create_encoder(
     if model_id.startswith("hf/"):
         return _hf(model_id.removeprefix("hf/"), model_id, pretrained, trust_remote_code)
     if path.is_dir():
-        return _local(path, model_id, trust_remote_code)
+        return _local(path, model_id, pretrained, trust_remote_code)
     raise UsageError(f"unknown model '{model_id}': use cvfm/<preset>, timm/<arch>, hf/<repo-id> or a folder")
 
 
@@ -200,9 +200,10 @@ def _hf_preprocess(repo: str, model, trust_remote_code: bool) -> Preprocess:
     )
 
 
-def _local(path: Path, name: str, trust_remote_code: bool) -> Encoder:
+def _local(path: Path, name: str, pretrained: bool, trust_remote_code: bool) -> Encoder:
+    """A folder's architecture, with its weights unless `pretrained=False` (a random-init baseline)."""
     if (path / "backbone").is_dir():  # a cvfm run folder
-        return _local(path / "backbone", name, trust_remote_code)
+        return _local(path / "backbone", name, pretrained, trust_remote_code)
     config_file = path / "config.json"
     if not config_file.exists():
         raise UsageError(f"folder '{path}' holds no model (no config.json, no backbone/ sub-folder)")
@@ -210,7 +211,7 @@ def _local(path: Path, name: str, trust_remote_code: bool) -> Encoder:
     if "architecture" in config:  # timm's own export layout
         if not any(path.glob("*.safetensors")):
             raise UsageError(f"folder '{path}' has no .safetensors weights (cvfm reads no pickle files)")
-        return TimmEncoder.load(path, name)
+        return TimmEncoder.load(path, name, weights=pretrained)
     if "model_type" in config:
-        return _hf(str(path), name, True, trust_remote_code)
+        return _hf(str(path), name, pretrained, trust_remote_code)
     raise UsageError(f"folder '{path}' has a config.json that is neither a timm nor a transformers model")

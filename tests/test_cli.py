@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import cvfm
@@ -585,3 +586,114 @@ def test_empty_split_means_no_split_for_a_manifest(cli, folder_with_corrupt_imag
     )
     assert record["data"]["train"] == 12
     assert [s["where"] for s in record["data"]["skipped"]] == [str(bad)]
+
+
+# ------------------------------------------------------------------------------- remaining documented flags
+
+
+def test_pretrain_runtime_flags_and_resume_from_the_cli(cli, digit_folder, tmp_path):
+    run = tmp_path / "run"
+    common = ("--num-workers", "0", "-o", run)
+    r = cli(
+        "pretrain",
+        "--data",
+        digit_folder,
+        "--split",
+        "train",
+        "--method",
+        "simclr",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--grad-accum",
+        "2",
+        "--checkpoint-every",
+        "3",
+        "--log",
+        "jsonl",
+        "--log",
+        "tensorboard",
+        "--monitor",
+        digit_folder,
+        "--seed",
+        "3",
+        *common,
+    )
+    assert r.code == 0, r.err
+    info = json.loads((run / "run.json").read_text())
+    assert info["resolved"]["steps_per_epoch"] == 4 and info["seed"] == 3
+    assert info["config"]["grad_accum"] == 2 and info["config"]["log"] == ["jsonl", "tensorboard"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000006", "step-00000008"]
+    assert list((run / "cvfm").glob("events.out.tfevents.*"))
+    assert any("monitor/knn_top1@20" in line for line in (run / "metrics.jsonl").read_text().splitlines())
+    # --resume needs no --data: the configuration comes from run.json; a finished run stays finished.
+    r = cli("pretrain", "--resume", *common)
+    assert r.code == 0, r.err
+    assert json.loads((run / "run.json").read_text())["status"] == "finished"
+    # Without --resume, neither --data nor the run folder may be missing.
+    r = cli("pretrain", "-o", tmp_path / "other")
+    assert r.code == 2 and "--data is required" in r.err
+
+
+def test_pretrained_flag_needs_cached_weights(cli, digit_folder, tmp_path):
+    r = cli(
+        "pretrain", "--data", digit_folder, "--model", "timm/resnet18", "--pretrained", "-o", tmp_path / "r"
+    )
+    assert r.code == 2 and "not in the local Hugging Face cache" in r.err
+    assert not (tmp_path / "r").exists()
+
+
+def _tiny_dinov2(folder: Path) -> Path:
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    Dinov2Model(
+        Dinov2Config(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=32,
+            patch_size=8,
+        )
+    ).save_pretrained(folder)
+    return folder
+
+
+def test_random_init_and_trust_remote_code_reach_the_loader(cli, digit_folder, tmp_path, monkeypatch):
+    import transformers
+
+    model = _tiny_dinov2(tmp_path / "dinov2")
+    args = ("embed", model, "--data", digit_folder, "--split", "test", "--num-workers", "0", "-o", "-")
+    trained = [json.loads(line)["embedding"] for line in cli(*args).lines]
+    random = [json.loads(line)["embedding"] for line in cli(*args, "--random-init").lines]
+    assert len(trained) == len(random) == 32
+    assert not np.allclose(trained, random), "--random-init must ignore the saved weights"
+
+    seen = {}
+    original = transformers.AutoModel.from_pretrained
+
+    def spy(*a, **kw):
+        seen["trust_remote_code"] = kw.get("trust_remote_code")
+        return original(*a, **kw)
+
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", spy)
+    assert cli(*args, "--trust-remote-code").code == 0
+    assert seen["trust_remote_code"] is True
+    assert cli(*args).code == 0
+    assert seen["trust_remote_code"] is False
+
+
+def test_knn_temperature_changes_the_votes(cli, digit_folder):
+    base = ("evaluate", "knn", "cvfm/tiny-resnet", "--data", digit_folder, "--num-workers", "0", "--k", "20")
+    sharp = _one_json_line(cli(*base, "--temperature", "0.01"))["metrics"]
+    flat = _one_json_line(cli(*base, "--temperature", "100"))["metrics"]
+    # With T = 100 every neighbour votes almost equally: a majority vote, which differs from T = 0.01.
+    assert sharp != flat
+
+
+def test_models_lists_timm_architectures(cli):
+    rows = [json.loads(line) for line in cli("models", "timm/resnet18*", "--timm", "--json").lines]
+    assert {"timm/resnet18", "timm/resnet18d"} <= {r["id"] for r in rows}
+    assert all(r["source"] == "timm" for r in rows)

@@ -106,8 +106,10 @@ class TimmEncoder(Encoder):
         return folder
 
     @classmethod
-    def load(cls, folder: Path, name: str) -> TimmEncoder:
-        """Rebuild from `save()`'s layout; every weight key must match the architecture."""
+    def load(cls, folder: Path, name: str, weights: bool = True) -> TimmEncoder:
+        """Rebuild from `save()`'s layout; every weight key must match the architecture.
+
+        `weights=False` builds the architecture with a fresh random initialisation."""
         import timm
         from safetensors.torch import load_file
 
@@ -115,7 +117,8 @@ class TimmEncoder(Encoder):
         args = {k: v for k, v in config.get("model_args", {}).items() if k != "num_classes"}
         model = timm.create_model(config["architecture"], pretrained=False, num_classes=0, **args)
         try:
-            model.load_state_dict(load_file(folder / "model.safetensors"), strict=True)
+            if weights:
+                model.load_state_dict(load_file(folder / "model.safetensors"), strict=True)
         except RuntimeError as e:
             detail = " ".join(str(e).split())[:600]
             raise CvfmError(f"weights of '{name}' do not match its architecture: {detail}") from None
