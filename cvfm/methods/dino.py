@@ -4,7 +4,7 @@ Defaults are main_dino.py's: student temperature 0.1, teacher 0.04 -> 0.07 warm-
 0.9, EMA 0.996 -> 1 (cosine), weight decay 0.04 -> 0.4, gradient clipping 3.0, last layer frozen
 for the first epoch (at most 10% of the run), AdamW. One deviation: the learning rate is 2e-3 at batch
 256, sqrt-scaled (1e-3 at batch 64, 4e-3 at 1024), not 5e-4 x batch / 256. On Animal-MNIST at batch 64,
-1e-3 beat 5e-4 and 2e-3 (3 epochs, k-NN 79.9 vs 78.1 and 76.5). Sizes that depend on the data are
+1e-3 beat 5e-4 and 2e-3 (3 epochs, BN head, k-NN 79.9 vs 78.1 and 76.5). Sizes that depend on the data are
 resolved from the dataset (see `DINOConfig.resolve`) and recorded in run.json.
 """
 
