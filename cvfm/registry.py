@@ -3,9 +3,12 @@
 Ids name their source:
   cvfm/<preset>     built-in tiny models for CPU runs (random init, seeded)
   timm/<arch>[.tag] any timm model; pretrained weights when asked and reachable
-  hf/<repo-id>      a transformers vision backbone (DINOv2, ViT, ...) from the hub
+  hf/<repo-id>      a transformers vision backbone (DINOv2, ViT, ...) or image-text model (CLIP, SigLIP)
   <folder>          a cvfm run folder, a timm export (config.json with "architecture")
                     or a transformers `save_pretrained` folder (config.json with "model_type")
+
+Image-text models (`create_dual_encoder`) are `cvfm/tiny-clip`, `hf/<clip-like repo>` and folders that
+hold one; `create_encoder` on them returns their image tower.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 
 from cvfm.data.views import Preprocess
 from cvfm.errors import CvfmError, UsageError
+from cvfm.models.dual import DualEncoder, HFDualEncoder, is_dual_model
 from cvfm.models.encoder import Encoder, HFEncoder, TimmEncoder, check_loading_info, read_preprocess
 
 
@@ -33,6 +37,8 @@ class Preset:
 # At 32 px a stride-32 ResNet ends on a 1x1 map; stride 16 keeps 2x2. Zero-initialised residual branches
 # (timm's default) make a random-init encoder a near-constant function, a useless baseline.
 _SMALL_INPUT = {"output_stride": 16, "zero_init_last": False}
+
+_SMALL_PREPROCESS = Preprocess(size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=1.0)
 
 PRESETS: dict[str, Preset] = {
     "cvfm/tiny-resnet": Preset(
@@ -70,14 +76,32 @@ def list_models(pattern: str = "*", *, sources: tuple[str, ...] = ("cvfm",)) -> 
             "id": "cvfm/pixels",
             "source": "cvfm",
             "arch": "pixels",
+            "kind": "image",
             "input_size": 32,
             "description": "raw-pixel baseline (the normalised 32x32 image, flattened)",
         }
     ]
     rows += [
-        {"id": k, "source": "cvfm", "arch": p.arch, "input_size": p.size, "description": p.description}
+        {
+            "id": k,
+            "source": "cvfm",
+            "arch": p.arch,
+            "kind": "image",
+            "input_size": p.size,
+            "description": p.description,
+        }
         for k, p in PRESETS.items()
     ]
+    rows.append(
+        {
+            "id": TINY_CLIP,
+            "source": "cvfm",
+            "arch": "clip",
+            "kind": "image-text",
+            "input_size": 32,
+            "description": "image-text CLIPModel (ViT and text transformer, width 64, 2 layers) at 32 px",
+        }
+    )
     if "timm" in sources:
         import timm
 
@@ -86,6 +110,7 @@ def list_models(pattern: str = "*", *, sources: tuple[str, ...] = ("cvfm",)) -> 
                 "id": f"timm/{n}",
                 "source": "timm",
                 "arch": n.split(".")[0],
+                "kind": "image",
                 "input_size": None,
                 "description": "timm model",
             }
@@ -110,10 +135,12 @@ def create_encoder(
             model_id,
             False,
             {**p.kwargs, **overrides},
-            Preprocess(size=p.size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=1.0),
+            _SMALL_PREPROCESS,
         )
+    if model_id == TINY_CLIP:
+        return create_dual_encoder(model_id).image_encoder()
     if model_id.startswith("cvfm/"):
-        raise UsageError(f"unknown preset '{model_id}'{_suggest(model_id, PRESETS)}")
+        raise UsageError(f"unknown preset '{model_id}'{_suggest(model_id, [*PRESETS, TINY_CLIP])}")
     if model_id.startswith("timm/"):
         return _timm(model_id.removeprefix("timm/"), model_id, pretrained, overrides, None)
     if model_id.startswith("hf/"):
@@ -121,6 +148,34 @@ def create_encoder(
     if path.is_dir():
         return _local(path, model_id, pretrained, trust_remote_code)
     raise UsageError(f"unknown model '{model_id}': use cvfm/<preset>, timm/<arch>, hf/<repo-id> or a folder")
+
+
+TINY_CLIP = "cvfm/tiny-clip"
+
+
+def create_dual_encoder(
+    model_id: str, *, pretrained: bool = True, trust_remote_code: bool = False
+) -> DualEncoder:
+    """Build the image-text model named by `model_id`: `cvfm/tiny-clip`, `hf/<repo>` or a folder."""
+    if model_id == TINY_CLIP:
+        from cvfm.models.tiny_clip import build_tiny_clip
+
+        model, tokenizer = build_tiny_clip()
+        return HFDualEncoder(model, tokenizer, model_id, _SMALL_PREPROCESS)
+    if model_id.startswith("hf/"):
+        return _hf_dual(model_id.removeprefix("hf/"), model_id, pretrained, trust_remote_code)
+    path = Path(model_id)
+    if path.is_dir():
+        if (path / "backbone").is_dir():  # a cvfm run folder
+            return create_dual_encoder(
+                str(path / "backbone"), pretrained=pretrained, trust_remote_code=trust_remote_code
+            )
+        if (path / "config.json").exists() and "model_type" in json.loads((path / "config.json").read_text()):
+            return _hf_dual(str(path), model_id, pretrained, trust_remote_code)
+        raise UsageError(f"folder '{path}' holds no image-text model")
+    raise UsageError(
+        f"'{model_id}' is not an image-text model id: use {TINY_CLIP}, hf/<clip-like repo> or a folder"
+    )
 
 
 def _suggest(name: str, choices) -> str:
@@ -152,7 +207,8 @@ def _timm(arch: str, name: str, pretrained: bool, kwargs: dict, preprocess: Prep
     return TimmEncoder(model, name, base, kwargs, preprocess)
 
 
-def _hf(repo: str, name: str, pretrained: bool, trust_remote_code: bool) -> HFEncoder:
+def _hf_model(repo: str, name: str, pretrained: bool, trust_remote_code: bool):
+    """A transformers AutoModel from the hub or a folder; weights must match the architecture."""
     from transformers import AutoConfig, AutoModel
 
     try:
@@ -173,7 +229,32 @@ def _hf(repo: str, name: str, pretrained: bool, trust_remote_code: bool) -> HFEn
             raise CvfmError(f"cannot load transformers model from '{repo}': {e}") from None
         raise _offline_hint(name, e) from None
     preprocess = read_preprocess(Path(repo)) if Path(repo).is_dir() else None
-    return HFEncoder(model, name, preprocess or _hf_preprocess(repo, model, trust_remote_code))
+    return model, preprocess or _hf_preprocess(repo, model, trust_remote_code)
+
+
+def _hf(repo: str, name: str, pretrained: bool, trust_remote_code: bool) -> Encoder:
+    model, preprocess = _hf_model(repo, name, pretrained, trust_remote_code)
+    if is_dual_model(model):
+        return HFDualEncoder(
+            model, _hf_tokenizer(repo, name, trust_remote_code), name, preprocess
+        ).image_encoder()
+    return HFEncoder(model, name, preprocess)
+
+
+def _hf_dual(repo: str, name: str, pretrained: bool, trust_remote_code: bool) -> HFDualEncoder:
+    model, preprocess = _hf_model(repo, name, pretrained, trust_remote_code)
+    if not is_dual_model(model):
+        raise UsageError(f"'{name}' is an image-only model ({type(model).__name__}): it has no text tower")
+    return HFDualEncoder(model, _hf_tokenizer(repo, name, trust_remote_code), name, preprocess)
+
+
+def _hf_tokenizer(repo: str, name: str, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(repo, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _offline_hint(name, e) from None
 
 
 def _hf_preprocess(repo: str, model, trust_remote_code: bool) -> Preprocess:

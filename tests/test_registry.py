@@ -295,9 +295,14 @@ def test_timm_arch_without_weights_builds_offline(x):
 
 def test_list_models():
     ids = [r["id"] for r in list_models("cvfm/*")]
-    assert ids == ["cvfm/pixels", *PRESETS]
+    assert ids == ["cvfm/pixels", *PRESETS, "cvfm/tiny-clip"]
     assert all(r["source"] == "cvfm" for r in list_models("cvfm/*"))
-    assert [r["id"] for r in list_models("cvfm/tiny-*")] == ["cvfm/tiny-resnet", "cvfm/tiny-vit"]
+    assert [r["id"] for r in list_models("cvfm/tiny-*")] == [
+        "cvfm/tiny-resnet",
+        "cvfm/tiny-vit",
+        "cvfm/tiny-clip",
+    ]
+    assert [r["id"] for r in list_models("*") if r["kind"] == "image-text"] == ["cvfm/tiny-clip"]
     assert list_models("timm/resnet18*") == []  # timm is not listed unless asked for
     both = [r["id"] for r in list_models("timm/resnet18*", sources=("cvfm", "timm"))]
     assert "timm/resnet18" in both

@@ -33,9 +33,9 @@ def models(
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("id", "source", "input", "description")
+    table = Table("id", "source", "kind", "input", "description")
     for r in rows:
-        table.add_row(r["id"], r["source"], str(r["input_size"] or ""), r["description"])
+        table.add_row(r["id"], r["source"], r["kind"], str(r["input_size"] or ""), r["description"])
     Console().print(table)
 
 

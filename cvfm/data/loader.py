@@ -24,9 +24,10 @@ class Skipped:
 
 
 class ImageDataset(Dataset):
-    """Yields `{"image": tensor or [views], "label", "index"}`, or a `Skipped` for an unreadable item."""
+    """Yields `{"image": tensor or [views], "label", "index"}` (plus `"text"` when the source has texts;
+    no `"image"` for a text-only source), or a `Skipped` for an unreadable item."""
 
-    def __init__(self, source: ImageSource, transform: Callable, seed: int | None = None):
+    def __init__(self, source: ImageSource, transform: Callable | None, seed: int | None = None):
         self.source, self.transform, self.seed, self.epoch = source, transform, seed, 0
 
     def __len__(self) -> int:
@@ -37,6 +38,11 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i: int):
         item = self.source.items[i]
+        sample = {"label": item.label, "index": i}
+        if item.text is not None:
+            sample["text"] = item.text
+        if not self.source.has_images:
+            return sample
         try:
             img = self.source.load(i)
         except DecodeError as e:
@@ -47,13 +53,19 @@ class ImageDataset(Dataset):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
                 image = self.transform(img)
-        return {"image": image, "label": item.label, "index": i}
+        return {"image": image, **sample}
 
 
-def collate(batch: list) -> dict:
-    """Stack the good samples; report the skipped ones under "skipped"."""
+def collate(batch: list, tokenizer: Callable | None = None) -> dict:
+    """Stack the good samples; report the skipped ones under "skipped". Texts stay a list of strings
+    (or of caption tuples); `tokenizer(texts)` adds their "tokens" (use `functools.partial`)."""
     good = [b for b in batch if not isinstance(b, Skipped)]
+    texts = [b.pop("text") for b in good if "text" in b]
     out = default_collate(good) if good else {"image": None, "label": None, "index": None}
+    if good and texts:
+        out["text"] = texts
+        if tokenizer is not None:
+            out["tokens"] = tokenizer(texts)
     out["skipped"] = [b for b in batch if isinstance(b, Skipped)]
     return out
 

@@ -8,6 +8,7 @@ are kept in `skipped` so a run summary can name them; with `strict=True` they ra
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,11 +30,13 @@ class DataError(CvfmError):
 
 @dataclass(frozen=True)
 class Item:
-    """One image: a stable id, a label index (-1 when unknown) and where to read it from."""
+    """One record: a stable id, a label index (-1 when unknown), where to read the image from (None for
+    text-only records) and, for image-text data, its text (one caption, or several)."""
 
     id: str
     label: int
     ref: Any
+    text: str | tuple[str, ...] | None = None
 
 
 @dataclass
@@ -44,9 +47,15 @@ class ImageSource:
     items: list[Item]
     classes: list[str] | None = None
     skipped: list[dict] = field(default_factory=list)
+    has_images: bool = True
+    templates: tuple[str, ...] | None = None  # zero-shot prompts ("a photo of a {c}.") suited to this data
 
     def __len__(self) -> int:
         return len(self.items)
+
+    @property
+    def has_texts(self) -> bool:
+        return len(self.items) > 0 and all(it.text is not None for it in self.items)
 
     @property
     def labels(self) -> np.ndarray:
@@ -95,19 +104,29 @@ def open_source(
     split: str | None = None,
     image_column: str = "image",
     label_column: str | None = None,
+    text_column: str | None = None,
+    images: bool = True,
     strict: bool = False,
 ) -> ImageSource:
-    """Open a data spec: `builtin:<name>`, `hf:<name-or-path>`, a `.jsonl` manifest or an image folder.
+    """Open a data spec: `builtin:<name>`, `hf:<name-or-path>`, a `.jsonl` manifest, an image folder, or
+    `-` for standard input (one image path or one JSON record per line, paths relative to the cwd).
 
     `split` is optional: it selects a sub-folder, a JSONL 'split' field, an HF split or a
-    built-in split. An empty result is a usage error.
+    built-in split. `text_column` adds each record's text (JSONL field or HF column); `images=False`
+    reads text-only records. An empty result is a usage error.
     """
-    if spec.startswith("builtin:"):
+    if not images and text_column is None:
+        raise UsageError("a source without images needs a text column (--text-column)")
+    if spec == "-":
+        source = _read_manifest(
+            sys.stdin, "<stdin>", Path.cwd(), split, strict, text_column, images, bare_paths=True
+        )
+    elif spec.startswith("builtin:"):
         from cvfm.data.builtin import open_builtin
 
-        source = open_builtin(spec.removeprefix("builtin:"), split=split)
+        source = open_builtin(spec.removeprefix("builtin:"), split=split, text_column=text_column)
     elif spec.startswith("hf:"):
-        source = _open_hf(spec.removeprefix("hf:"), split, image_column, label_column)
+        source = _open_hf(spec.removeprefix("hf:"), split, image_column, label_column, text_column, images)
     else:
         path = Path(spec)
         if not path.exists():
@@ -116,14 +135,21 @@ def open_source(
                 "builtin:<name> or hf:<dataset>)"
             )
         if path.is_dir():
+            if text_column is not None:
+                raise UsageError(
+                    f"folder '{spec}' holds images only: texts come from a .jsonl manifest or hf: dataset"
+                )
             source = _open_folder(path, split)
         elif path.suffix == ".jsonl":
-            source = _open_jsonl(path, split, strict)
+            with open(path, encoding="utf-8") as f:
+                source = _read_manifest(f, str(path), path.parent, split, strict, text_column, images)
         else:
             raise UsageError(f"data source '{spec}' is a file but not a .jsonl manifest")
     if len(source) == 0:
         where = f" (split '{split}')" if split else ""
         raise UsageError(f"data source '{spec}'{where} holds no images")
+    if not images:
+        source.has_images = False
     return source
 
 
@@ -143,45 +169,93 @@ def _open_folder(root: Path, split: str | None) -> ImageSource:
     return ImageSource(name=str(root), items=items, classes=class_dirs or None)
 
 
-def _open_jsonl(path: Path, split: str | None, strict: bool) -> ImageSource:
-    """Read `{"id", "image", "label", "split"?}` lines; image paths are relative to the manifest."""
+def _read_manifest(
+    lines,
+    name: str,
+    base: Path,
+    split: str | None,
+    strict: bool,
+    text_column: str | None,
+    images: bool,
+    bare_paths: bool = False,
+) -> ImageSource:
+    """Read `{"id", "image", "label", "split"?, <text_column>?}` lines (with `bare_paths`, a line that is
+    not a JSON object is an image path); image paths are relative to `base`."""
     rows, skipped, class_names = [], [], set()
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                if not isinstance(rec, dict) or not isinstance(rec.get("image"), str):
-                    raise ValueError('expected an object with a string "image" field')
-                label = rec.get("label")
-                label = -1 if label is None else label
-                if isinstance(label, float) and label.is_integer():
-                    label = int(label)
-                if isinstance(label, bool) or not isinstance(label, (int, str)):
-                    raise ValueError('"label" must be an integer or a string')
-            except ValueError as e:
-                problem = {"where": f"{path}:{lineno}", "reason": f"malformed JSONL line: {e}"}
-                if strict:
-                    raise DataError(f"{problem['where']}: {problem['reason']}") from None
-                skipped.append(problem)
-                continue
-            if isinstance(label, str):  # names of every split, so train and test share one mapping
-                class_names.add(label)
-            if split is not None and rec.get("split") != split:
-                continue
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = _parse_record(line, images, text_column, bare_paths)
+        except ValueError as e:
+            problem = {"where": f"{name}:{lineno}", "reason": f"malformed JSONL line: {e}"}
+            if strict:
+                raise DataError(f"{problem['where']}: {problem['reason']}") from None
+            skipped.append(problem)
+            continue
+        label = rec["label"]
+        if isinstance(label, str):  # names of every split, so train and test share one mapping
+            class_names.add(label)
+        if split is not None and rec.get("split") != split:
+            continue
+        ref = None
+        if images:
             image = Path(rec["image"])
-            ref = str(image if image.is_absolute() else path.parent / image)
-            rows.append((str(rec.get("id", f"{path.name}:{lineno}")), label, ref))
+            ref = str(image if image.is_absolute() else base / image)
+        text = rec.get(text_column) if text_column else None
+        rows.append((str(rec.get("id", f"{Path(name).name}:{lineno}")), label, ref, text))
     if split is not None and not rows:
-        raise UsageError(f'manifest \'{path}\' has no lines with "split": "{split}" ({SPLITS_NOTE})')
+        raise UsageError(f'manifest \'{name}\' has no lines with "split": "{split}" ({SPLITS_NOTE})')
     classes = sorted(class_names) or None  # sorted, like class sub-folders
     index = {c: i for i, c in enumerate(classes or [])}
-    items = [Item(id=i, label=index[lab] if isinstance(lab, str) else lab, ref=ref) for i, lab, ref in rows]
-    return ImageSource(name=str(path), items=items, classes=classes, skipped=skipped)
+    items = [
+        Item(id=i, label=index[lab] if isinstance(lab, str) else lab, ref=ref, text=text)
+        for i, lab, ref, text in rows
+    ]
+    return ImageSource(name=name, items=items, classes=classes, skipped=skipped, has_images=images)
 
 
-def _open_hf(name: str, split: str | None, image_column: str, label_column: str | None) -> HFSource:
+def _parse_record(line: str, images: bool, text_column: str | None, bare_paths: bool) -> dict:
+    """One manifest line as a checked dict; raises ValueError naming what is wrong."""
+    stripped = line.strip()
+    if bare_paths and not stripped.startswith("{"):  # `find . -name '*.jpg' | cvfm embed ... -`
+        if text_column is not None or not images:
+            raise ValueError(f'expected a JSON object with a "{text_column}" field')
+        return {"image": stripped, "label": -1}
+    rec = json.loads(stripped)
+    if not isinstance(rec, dict):
+        raise ValueError("expected a JSON object")
+    if images and not isinstance(rec.get("image"), str):
+        raise ValueError('expected a string "image" field')
+    if text_column is not None:
+        rec[text_column] = _check_text(rec.get(text_column), text_column)
+    label = rec.get("label")
+    label = -1 if label is None else label
+    if isinstance(label, float) and label.is_integer():
+        label = int(label)
+    if isinstance(label, bool) or not isinstance(label, (int, str)):
+        raise ValueError('"label" must be an integer or a string')
+    rec["label"] = label
+    return rec
+
+
+def _check_text(value, column: str) -> str | tuple[str, ...]:
+    """A text cell: a string, or a non-empty list of strings (several captions of one image)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ValueError(f'"{column}" must be a string or a list of strings, not {type(value).__name__}')
+
+
+def _open_hf(
+    name: str,
+    split: str | None,
+    image_column: str,
+    label_column: str | None,
+    text_column: str | None = None,
+    images: bool = True,
+) -> HFSource:
     import datasets
 
     try:
@@ -203,10 +277,11 @@ def _open_hf(name: str, split: str | None, image_column: str, label_column: str 
             "(leave the split out)"
         )
     columns = list(ds.column_names)
-    if image_column not in columns:
-        raise UsageError(
-            f"dataset '{name}' has no image column '{image_column}' (columns: {', '.join(columns)})"
-        )
+    for kind, column in (("image", image_column if images else None), ("text", text_column)):
+        if column is not None and column not in columns:
+            raise UsageError(
+                f"dataset '{name}' has no {kind} column '{column}' (columns: {', '.join(columns)})"
+            )
     explicit = label_column is not None
     label_column = label_column or "label"
     if label_column not in columns:
@@ -224,8 +299,18 @@ def _open_hf(name: str, split: str | None, image_column: str, label_column: str 
             labels = [classes.index(v) for v in values]
         else:
             labels = [-1 if v is None else int(v) for v in values]
-    items = [Item(id=f"{name}:{split or ''}:{i}", label=labels[i], ref=i) for i in range(len(ds))]
-    return HFSource(name=name, items=items, classes=classes, dataset=ds, image_column=image_column)
+    texts = [None] * len(ds)
+    if text_column is not None:
+        try:
+            texts = [_check_text(v, text_column) for v in ds[text_column]]
+        except ValueError as e:
+            raise UsageError(f"dataset '{name}': {e}") from None
+    items = [
+        Item(id=f"{name}:{split or ''}:{i}", label=labels[i], ref=i, text=texts[i]) for i in range(len(ds))
+    ]
+    return HFSource(
+        name=name, items=items, classes=classes, dataset=ds, image_column=image_column, has_images=images
+    )
 
 
 def _first_line(e: BaseException) -> str:
