@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test test-all lint bench clean
+.PHONY: setup demo clip-demo test test-all lint bench bench-embed clean
 
 setup: $(VENV)/.installed
 
@@ -19,6 +19,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: setup
 	PATH=$(abspath $(BIN)):$$PATH bash examples/demo.sh
 
+clip-demo: setup
+	PATH=$(abspath $(BIN)):$$PATH bash examples/clip_demo.sh
+
 test: setup
 	$(BIN)/python -m pytest -q
 
@@ -32,6 +35,9 @@ lint: setup
 bench: setup
 	$(BIN)/python -m pip install -q --no-deps lightly
 	$(BIN)/python benchmarks/ssl.py
+
+bench-embed: setup
+	$(BIN)/python benchmarks/embed.py
 
 clean:
 	rm -rf $(VENV) runs

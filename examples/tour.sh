@@ -24,3 +24,15 @@ head -c 200 "$OUT/test_embeddings.jsonl"; echo
 
 # The exported backbone is a plain timm model.
 python -c "import timm, sys; m = timm.create_model('local-dir:' + sys.argv[1], pretrained=True); print(type(m).__name__, m.num_features)" "$OUT/dino/backbone"
+
+# Image-text: a short CLIP run on captioned digits (the tiny ResNet as image tower, the text tower of
+# cvfm/tiny-clip; about 40 s, zero-shot top-1 about 92%), scored zero-shot and by retrieval, then image
+# and caption embeddings side by side (parts of 500 rows; rerunning the command resumes / does nothing).
+DATA=builtin:digits-captions
+cvfm pretrain --data "$DATA" --split train --method clip --model cvfm/tiny-resnet --text-model cvfm/tiny-clip \
+  --epochs 15 --output "$OUT/clip" --overwrite
+cvfm evaluate zeroshot "$OUT/clip" --data "$DATA" --split test
+cvfm evaluate retrieval "$OUT/clip" --data "$DATA" --split test --text-column caption
+cvfm embed "$OUT/clip" --data "$DATA" --split test --text-column caption --part-size 500 \
+  --output "$OUT/clip_emb" --overwrite
+ls "$OUT/clip_emb"/*

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import sys
 
 # Before anything imports huggingface_hub (it reads the variable once, at import time).
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -12,6 +14,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from clitools import Result  # noqa: E402
 from PIL import Image  # noqa: E402
 
 CLASS_COLORS = {"cat": (200, 30, 30), "dog": (30, 30, 200)}
@@ -74,3 +77,31 @@ def digit_folder(tmp_path_factory) -> Path:
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(pixels[idx]).save(path)
     return root
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Run `cvfm ARGS...` in-process; returns Result(code, stdout, stderr)."""
+    from cvfm.cli import app as app_module
+
+    if not any(c.name == "models" for c in app_module.app.registered_commands):
+        app_module._register()
+    monkeypatch.setattr(app_module, "_register", lambda: None)  # main() registers on every call
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    previous_sigterm = signal.getsignal(signal.SIGTERM)  # main() installs its own handler
+
+    def run(*args) -> Result:
+        monkeypatch.setattr(sys, "argv", ["cvfm", *map(str, args)])
+        capsys.readouterr()
+        code = 0
+        try:
+            app_module.main()
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        finally:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+        out, err = capsys.readouterr()
+        return Result(code, out, err)
+
+    return run

@@ -1,6 +1,8 @@
-"""`cvfm embed`: image embeddings of any registry model."""
+"""`cvfm embed`: image and/or text embeddings of any registry model, in parts, resumable, shardable."""
 
 from __future__ import annotations
+
+import os
 
 import typer
 
@@ -8,39 +10,73 @@ from cvfm.cli import common
 
 
 def embed(
-    model: str = typer.Argument(..., help="Registry id or run folder."),
-    data: str = common.Data,
+    model: str = typer.Argument(..., help="Registry id or run folder (an image-text model for texts)."),
+    data: str = typer.Option(
+        ..., "--data", "-d", help=common.DATA_HELP + " - reads image paths or JSON lines from stdin."
+    ),
     output: str = typer.Option(..., "--output", "-o", help="Output folder, or - for JSON lines on stdout."),
     split: str = typer.Option(None, "--split"),
+    text_column: str = typer.Option(
+        None,
+        "--text-column",
+        help="Also embed this text field (JSONL / hf: column; needs an image-text model).",
+    ),
+    images: bool = typer.Option(
+        True, "--images/--no-images", help="Embed the images (--no-images: texts only)."
+    ),
     batch_size: int = typer.Option(256, "--batch-size", "-b", min=1),
     num_workers: int = common.Workers,
+    precision: str = typer.Option(
+        "auto", "--precision", help="auto|fp32|bf16|fp16 (auto: bf16 where the hardware has it, else fp32)."
+    ),
+    dtype: str = typer.Option("float32", "--dtype", help="Stored embeddings: float32 or float16."),
     normalize: bool = typer.Option(True, "--normalize/--no-normalize", help="L2-normalise the embeddings."),
+    part_size: int = typer.Option(10_000, "--part-size", min=1, help="Rows per output part (file set)."),
+    shard_id: int = typer.Option(0, "--shard-id", min=0, help="This job's shard (parts p % num_shards)."),
+    num_shards: int = typer.Option(1, "--num-shards", min=1, help="Jobs sharing the work."),
     random_init: bool = typer.Option(False, "--random-init", help="Ignore pretrained weights."),
     image_column: str = common.ImageColumn,
     label_column: str = common.LabelColumn,
     strict: bool = common.Strict,
     trust_remote_code: bool = common.TrustRemoteCode,
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Replace an output of another configuration (or write into a foreign folder).",
+    ),
 ) -> None:
-    """Embed images: img_emb/img_emb_0.npy + metadata/metadata_0.parquet (same row order), or JSONL.
+    """Embed images and/or texts: img_emb/img_emb_{p}.npy, text_emb/text_emb_{p}.npy and
+    metadata/metadata_{p}.parquet per part of --part-size rows (same row order), or JSON lines with -o -.
+
+    A rerun of the same command resumes: parts already written are kept, the rest is computed. Under
+    `accelerate launch` the processes split the parts; --shard-id/--num-shards split them across jobs.
 
     Examples:
 
       cvfm embed runs/dino --data builtin:animal-mnist -o emb/
 
-      cvfm embed timm/resnet50.a1_in1k --data photos/ -o - | head -1
+      cvfm embed cvfm/tiny-clip --data pairs.jsonl --text-column caption -o emb/
+
+      find photos -name '*.jpg' | cvfm embed timm/resnet50.a1_in1k --data - -o - | head -1
     """
-    from cvfm.embed import embed_images
+    from cvfm.embed import embed as run_embed
     from cvfm.runtime.progress import log
 
-    summary = embed_images(
+    summary = run_embed(
         model,
         data,
         output,
         split=split,
+        text_column=text_column,
+        images=images,
         batch_size=batch_size,
         num_workers=num_workers,
+        precision=precision,
+        dtype=dtype,
         normalize=normalize,
+        part_size=part_size,
+        shard_id=shard_id,
+        num_shards=num_shards,
         overwrite=overwrite,
         strict=strict,
         image_column=image_column,
@@ -48,7 +84,13 @@ def embed(
         pretrained=not random_init,
         trust_remote_code=trust_remote_code,
     )
-    log(f"embedded {summary['rows']} images ({summary['dim']} dims), skipped {len(summary['skipped'])}")
+    if int(os.environ.get("RANK", "0")) != 0:  # one summary per launch, from the first process
+        return
+    parts = summary["parts"]
+    log(
+        f"embed: {summary['rows']} rows, {parts['written']} parts written, {parts['already_done']} already "
+        f"done, {len(summary['skipped'])} skipped"
+    )
     if output != "-":
         from cvfm.cli.app import emit
 

@@ -1,4 +1,5 @@
-"""`cvfm evaluate knn|linear`: frozen-feature probes; one JSON line per result."""
+"""`cvfm evaluate knn|linear|zeroshot|retrieval`: frozen-feature probes and image-text evaluations;
+one JSON line per result."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import typer
 
 from cvfm.cli import common
 
-app = typer.Typer(help="Evaluate a frozen encoder: k-NN and linear probes.", no_args_is_help=True)
+app = typer.Typer(
+    help="Evaluate a frozen encoder: k-NN and linear probes, zero-shot classification, image-text retrieval.",
+    no_args_is_help=True,
+)
 
 Model = typer.Argument(
     ..., help="Registry id or run folder, e.g. cvfm/tiny-resnet, runs/dino, hf/facebook/dinov2-small."
@@ -92,3 +96,104 @@ def linear(
       cvfm evaluate linear cvfm/tiny-resnet --data builtin:animal-mnist --output results.jsonl
     """
     _run("linear", **locals())
+
+
+DualModel = typer.Argument(
+    ...,
+    help="Image-text model: cvfm/tiny-clip, hf/<clip-like repo> (CLIP, SigLIP), open_clip/<arch>:<tag> "
+    "or a folder holding one.",
+)
+Split = typer.Option("test", "--split", help="Split that is scored ('' for all records: no split).")
+Precision = typer.Option(
+    "auto", "--precision", help="Inference precision: auto, fp32, bf16 or fp16 (auto: bf16 where native)."
+)
+
+
+def _run_vl(task: str, *, output: str, split: str, random_init: bool, **kw) -> None:
+    """Map CLI values onto `cvfm.eval.vl_run` ('' means no split) and emit its JSON line."""
+    from cvfm.cli.app import emit
+    from cvfm.eval import vl_run
+
+    if "recall_k" in kw:
+        kw["ks"] = tuple(kw.pop("recall_k"))
+    evaluate = vl_run.evaluate_zeroshot if task == "zeroshot" else vl_run.evaluate_retrieval
+    emit(evaluate(split=split or None, pretrained=not random_init, **kw), output)
+
+
+@app.command("zeroshot")
+def zeroshot(
+    model: str = DualModel,
+    data: str = common.Data,
+    split: str = Split,
+    classnames: str = typer.Option(
+        None,
+        "--classnames",
+        help="Class names in label order: a file (one per line) or comma-separated (default: the data's).",
+    ),
+    templates: str = typer.Option(
+        None,
+        "--templates",
+        help="Prompt templates with {c}: a file (one per line) or one template "
+        "(default: the data's own, else 'a photo of a {c}.').",
+    ),
+    batch_size: int = typer.Option(256, "--batch-size", "-b", min=1),
+    num_workers: int = common.Workers,
+    precision: str = Precision,
+    seed: int = typer.Option(0, "--seed"),
+    random_init: bool = RandomInit,
+    image_column: str = common.ImageColumn,
+    label_column: str = common.LabelColumn,
+    strict: bool = common.Strict,
+    trust_remote_code: bool = common.TrustRemoteCode,
+    output: str = Output,
+) -> None:
+    """Zero-shot classification: class names in prompt templates make a text classifier
+    (acc1, acc5, mean_per_class_recall; clip_benchmark's zeroshot_classification).
+
+    Examples:
+
+      cvfm evaluate zeroshot cvfm/tiny-clip --data builtin:animal-captions --split test
+
+      cvfm evaluate zeroshot hf/openai/clip-vit-base-patch32 --data photos/val --split '' \\
+        --classnames classes.txt --templates templates.txt
+    """
+    _run_vl("zeroshot", **locals())
+
+
+@app.command("retrieval")
+def retrieval(
+    model: str = DualModel,
+    data: str = typer.Option(
+        ...,
+        "--data",
+        "-d",
+        help="Image-text records: a .jsonl manifest, hf:<dataset> or builtin:<name>-captions.",
+    ),
+    text_column: str = typer.Option(
+        "caption", "--text-column", help="Field holding each record's caption (a string or a list)."
+    ),
+    split: str = Split,
+    recall_k: list[int] = typer.Option(
+        [1, 5, 10], "--recall-k", help="k of recall@k; repeat for several (--recall-k 1 --recall-k 5)."
+    ),
+    batch_size: int = typer.Option(256, "--batch-size", "-b", min=1),
+    num_workers: int = common.Workers,
+    precision: str = Precision,
+    seed: int = typer.Option(0, "--seed"),
+    random_init: bool = RandomInit,
+    image_column: str = common.ImageColumn,
+    strict: bool = common.Strict,
+    trust_remote_code: bool = common.TrustRemoteCode,
+    output: str = Output,
+) -> None:
+    """Image-text retrieval recall@k both ways (clip_benchmark's zeroshot_retrieval):
+    image_retrieval_recall@k is text -> image, text_retrieval_recall@k is image -> text (a hit when
+    any of the image's captions is in the top k). Records with the same image are one image.
+
+    Examples:
+
+      cvfm evaluate retrieval cvfm/tiny-clip --data builtin:animal-captions --split test
+
+      cvfm evaluate retrieval hf/openai/clip-vit-base-patch32 --data pairs.jsonl --text-column text --split ''
+    """
+    _run_vl("retrieval", **locals())

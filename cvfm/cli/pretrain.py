@@ -1,4 +1,4 @@
-"""`cvfm pretrain`: self-supervised pre-training of a registry backbone."""
+"""`cvfm pretrain`: self-supervised pre-training of a registry backbone, or CLIP on image-text pairs."""
 
 from __future__ import annotations
 
@@ -12,8 +12,19 @@ def pretrain(
     output: str = typer.Option(
         ..., "--output", "-o", help="Run folder (refused if it exists, see --overwrite)."
     ),
-    method: str = typer.Option("dino", "--method", "-m", help="simclr, byol or dino."),
-    model: str = typer.Option("cvfm/tiny-resnet", "--model", help="Registry id of the backbone."),
+    method: str = typer.Option("dino", "--method", "-m", help="simclr, byol, dino or clip (image-text)."),
+    model: str = typer.Option(
+        None,
+        "--model",
+        help="Registry id of the backbone (default cvfm/tiny-resnet); for clip an image-text model "
+        "(default cvfm/tiny-clip), or any image encoder with --text-model.",
+    ),
+    text_model: str = typer.Option(
+        None,
+        "--text-model",
+        help="clip: an image-text model whose text tower is trained with the --model image encoder "
+        "(a linear projection joins them), e.g. cvfm/tiny-clip.",
+    ),
     pretrained: bool = typer.Option(
         False, "--pretrained", help="Start from the registry's pretrained weights."
     ),
@@ -33,16 +44,24 @@ def pretrain(
     opt: list[str] = typer.Option(None, "--opt", help="Method option key=value, e.g. --opt local_crops=4."),
     image_column: str = common.ImageColumn,
     label_column: str = common.LabelColumn,
+    text_column: str = typer.Option(
+        None,
+        "--text-column",
+        help="clip: the caption field of a .jsonl / column of an hf: dataset (default 'text'; "
+        "'caption' for builtin:*-captions).",
+    ),
     strict: bool = common.Strict,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
     resume: bool = typer.Option(
         False, "--resume", help="Continue the run in --output from its last checkpoint."
     ),
 ) -> None:
-    """Pre-train a backbone without labels (SimCLR, BYOL, DINO).
+    """Pre-train a backbone without labels (SimCLR, BYOL, DINO), or an image-text model (CLIP).
 
     Writes run.json, metrics.jsonl, curves.png, checkpoints/ and backbone/ (safetensors, loadable as
-    --model <run folder> and by timm.create_model('local-dir:<run>/backbone')). Prints the run folder.
+    --model <run folder> and by timm.create_model('local-dir:<run>/backbone'); for clip the whole
+    image-text model, in its own layout; with --text-model backbone/ holds paired.json, image/ (the
+    image encoder's layout), text/ and heads.safetensors). Prints the run folder.
     Ctrl-C or SIGTERM writes a checkpoint first; --resume continues exactly where the run stopped.
 
     Examples:
@@ -50,6 +69,12 @@ def pretrain(
       cvfm pretrain --data builtin:animal-mnist --split train --method dino --epochs 5 -o runs/dino
 
       cvfm pretrain --data photos/ --model timm/resnet18 --method simclr --precision bf16 -o runs/simclr
+
+      cvfm pretrain --data builtin:animal-captions --split train --method clip -o runs/clip
+
+      cvfm pretrain --data pairs.jsonl --method clip --text-column caption -o runs/clip
+
+      cvfm pretrain -d pairs.jsonl -m clip --model timm/resnet18 --text-model cvfm/tiny-clip -o runs/paired
 
       accelerate launch -m cvfm pretrain --data photos/ --method byol -o runs/byol
 
@@ -67,6 +92,7 @@ def pretrain(
         output=output,
         method=method,
         model=model,
+        text_model=text_model,
         pretrained=pretrained,
         split=split,
         epochs=epochs,
@@ -82,6 +108,7 @@ def pretrain(
         options=common.parse_options(opt),
         image_column=image_column,
         label_column=label_column,
+        text_column=text_column,
         strict=strict,
         overwrite=overwrite,
         resume=resume,

@@ -147,7 +147,7 @@ def open_source(
             raise UsageError(f"data source '{spec}' is a file but not a .jsonl manifest")
     if len(source) == 0:
         where = f" (split '{split}')" if split else ""
-        raise UsageError(f"data source '{spec}'{where} holds no images")
+        raise UsageError(f"data source '{spec}'{where} holds no {'images' if images else 'records'}")
     if not images:
         source.has_images = False
     return source
@@ -181,10 +181,12 @@ def _read_manifest(
 ) -> ImageSource:
     """Read `{"id", "image", "label", "split"?, <text_column>?}` lines (with `bare_paths`, a line that is
     not a JSON object is an image path); image paths are relative to `base`."""
-    rows, skipped, class_names = [], [], set()
+    rows, skipped, class_names, first_fields = [], [], set(), None
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
+        if first_fields is None and line.lstrip().startswith("{"):
+            first_fields = _fields(line)
         try:
             rec = _parse_record(line, images, text_column, bare_paths)
         except ValueError as e:
@@ -204,6 +206,12 @@ def _read_manifest(
             ref = str(image if image.is_absolute() else base / image)
         text = rec.get(text_column) if text_column else None
         rows.append((str(rec.get("id", f"{Path(name).name}:{lineno}")), label, ref, text))
+    if not rows and text_column is not None and skipped and all(text_column in p["reason"] for p in skipped):
+        fields = ", ".join(first_fields) if first_fields else "no fields"
+        raise UsageError(
+            f"manifest '{name}' has no text column '{text_column}' (its records have: {fields}); "
+            "set --text-column"
+        )
     if split is not None and not rows:
         raise UsageError(f'manifest \'{name}\' has no lines with "split": "{split}" ({SPLITS_NOTE})')
     classes = sorted(class_names) or None  # sorted, like class sub-folders
@@ -213,6 +221,15 @@ def _read_manifest(
         for i, lab, ref, text in rows
     ]
     return ImageSource(name=name, items=items, classes=classes, skipped=skipped, has_images=images)
+
+
+def _fields(line: str) -> list[str]:
+    """The keys of a JSON object line (for error messages); empty when it does not parse."""
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return []
+    return list(rec) if isinstance(rec, dict) else []
 
 
 def _parse_record(line: str, images: bool, text_column: str | None, bare_paths: bool) -> dict:

@@ -3,6 +3,7 @@
 from cvfm.errors import UsageError
 from cvfm.methods.base import Budget, Method, configure
 from cvfm.methods.byol import BYOL, BYOLConfig
+from cvfm.methods.clip import CLIP, CLIPConfig
 from cvfm.methods.dino import DINO, DINOConfig
 from cvfm.methods.simclr import SimCLR, SimCLRConfig
 
@@ -10,14 +11,20 @@ METHODS: dict[str, tuple[type[Method], type]] = {
     "simclr": (SimCLR, SimCLRConfig),
     "byol": (BYOL, BYOLConfig),
     "dino": (DINO, DINOConfig),
+    "clip": (CLIP, CLIPConfig),
 }
 
 
-def build_method(name: str, encoder, options: dict, budget: Budget) -> Method:
+def method_class(name: str) -> type[Method]:
+    """The class registered as `name` (its `needs_text` and `default_model` steer the trainer)."""
     if name not in METHODS:
         raise UsageError(f"unknown method '{name}' (choose from: {', '.join(METHODS)})")
-    cls, config_cls = METHODS[name]
+    return METHODS[name][0]
+
+
+def build_method(name: str, encoder, options: dict, budget: Budget) -> Method:
+    cls, config_cls = method_class(name), METHODS[name][1]
     return cls(encoder, configure(config_cls, options), budget)
 
 
-__all__ = ["METHODS", "Budget", "Method", "build_method"]
+__all__ = ["METHODS", "Budget", "Method", "build_method", "method_class"]

@@ -13,6 +13,7 @@ from torch import nn
 
 from cvfm.data.views import MultiView
 from cvfm.errors import UsageError
+from cvfm.models.dual import DualEncoder
 from cvfm.models.encoder import Encoder
 
 
@@ -27,15 +28,24 @@ class Budget:
 
 
 class Method(nn.Module, abc.ABC):
-    """A backbone plus heads and a loss. `forward(views, step)` returns (loss, logs)."""
+    """A backbone plus heads and a loss. `forward(views, step)` returns (loss, logs).
+
+    A method with `needs_text = True` (CLIP) trains a `DualEncoder` as `self.encoder` on image-text
+    pairs: the trainer opens the data with its text column, tokenizes the texts in the DataLoader and
+    calls `forward(views, step, tokens=...)`.
+    """
+
+    needs_text: bool = False
+    default_model: str = "cvfm/tiny-resnet"  # the registry id used when --model is left out
 
     # AdamW learning rate at batch size 256, scaled by sqrt(batch / 256): the square-root rule suits Adam
     # (Malladi et al. 2022); linear scaling starves the small batches of CPU runs.
     base_lr: float = 1e-3
     weight_decay: tuple[float, float] = (0.05, 0.05)  # start, end of a cosine schedule
     clip_grad: float | None = None
+    adam_betas: tuple[float, float] = (0.9, 0.999)  # torch's AdamW default
 
-    def __init__(self, encoder: Encoder, cfg, budget: Budget):
+    def __init__(self, encoder: Encoder | DualEncoder, cfg, budget: Budget):
         super().__init__()
         self.encoder, self.cfg, self.budget = encoder, cfg, budget
 
@@ -44,7 +54,8 @@ class Method(nn.Module, abc.ABC):
         """The augmentation that turns one image into this method's list of views."""
 
     @abc.abstractmethod
-    def forward(self, views: list[torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, float]]: ...
+    def forward(self, views: list[torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """(loss, logs) for one batch of views; text methods also take `tokens` (a dict of tensors)."""
 
     def before_optimizer_step(self, step: int) -> None:
         """Hook after gradients exist, before the update (DINO freezes its last layer here)."""

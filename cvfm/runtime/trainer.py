@@ -4,10 +4,16 @@ Exact resume: the sampler order is seeded by (seed, epoch), each sample's augmen
 (seed, epoch, index), the global RNG by (seed, step, process), and every schedule is indexed by the
 global step; the checkpoint holds the model with its EMA teacher and DINO centre, the optimizer and
 the gradient scaler. A run stopped and resumed therefore ends with the same weights.
+
+Methods with `needs_text` (CLIP) train a dual encoder on image-text pairs: the data is opened with its
+text column, the DataLoader tokenizes the texts, the method gets `tokens=`, and the whole dual encoder
+is saved as the run's backbone/. The dual encoder is `--model` itself, or with `--text-model` a
+`PairedEncoder`: the `--model` image encoder, a projection and the text half of `--text-model`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import platform
@@ -16,7 +22,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +32,15 @@ from torch.utils.data import DataLoader
 
 import cvfm
 from cvfm.data.loader import ImageDataset, SkipLog, collate
-from cvfm.data.sources import open_source
-from cvfm.errors import UsageError
+from cvfm.data.sources import ImageSource, open_source
+from cvfm.errors import CvfmError, UsageError
 from cvfm.eval.features import extract_features
 from cvfm.eval.knn import knn_evaluate
-from cvfm.methods import Budget, build_method
-from cvfm.registry import create_encoder
+from cvfm.eval.zeroshot import build_zeroshot_classifier, zeroshot_logits
+from cvfm.methods import Budget, build_method, method_class
+from cvfm.models.dual import DualEncoder, ImageTower
+from cvfm.models.paired import PairedEncoder
+from cvfm.registry import create_dual_encoder, create_encoder
 from cvfm.runtime.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from cvfm.runtime.progress import log, progress
 from cvfm.runtime.run_dir import RunDir
@@ -75,11 +84,14 @@ class PretrainConfig:
     data: str
     output: str
     method: str = "dino"
-    model: str = "cvfm/tiny-resnet"
+    model: str | None = None  # registry id; default: the method's (cvfm/tiny-resnet, clip: cvfm/tiny-clip)
+    # clip: an image-text model whose text half is paired with the image encoder `model` (PairedEncoder)
+    text_model: str | None = None
     pretrained: bool = False  # start from the registry's pretrained weights instead of random init
     split: str | None = None
     image_column: str = "image"
     label_column: str | None = None
+    text_column: str | None = None  # text methods only; default "caption" for builtin:*-captions, else "text"
     epochs: int = 10
     batch_size: int = 64  # per process
     lr: float | None = None  # auto: the method's base lr x sqrt(global batch / 256)
@@ -91,9 +103,9 @@ class PretrainConfig:
     num_workers: int = 2
     checkpoint_every: int = 500  # steps; a checkpoint is also written at the end of each epoch
     keep_checkpoints: int = 2
-    monitor: str | None = (
-        None  # a labelled source: online k-NN each epoch (train split = bank, test = queries)
-    )
+    # A labelled source evaluated each epoch: zero-shot top-1 on its test split for a dual encoder when
+    # it has prompt templates (captioned built-ins), else k-NN (train split = bank, test = queries).
+    monitor: str | None = None
     monitor_size: int = 2000
     log: tuple[str, ...] = ("jsonl",)
     strict: bool = False
@@ -153,19 +165,104 @@ def pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None = None) 
     return _Trainer(cfg).fit(on_step)
 
 
+def resolve_defaults(cfg: PretrainConfig) -> PretrainConfig:
+    """Fill in what depends on the method: the model id and, for text methods, the text column."""
+    cls = method_class(cfg.method)
+    text_column = cfg.text_column
+    if cls.needs_text:
+        text_column = text_column or default_text_column(cfg.data)
+    elif text_column is not None:
+        raise UsageError(f"--text-column is for methods that train on texts (clip), not '{cfg.method}'")
+    if cfg.text_model is not None:
+        if not cls.needs_text:
+            raise UsageError(f"--text-model is for methods that train on texts (clip), not '{cfg.method}'")
+        if cfg.model is None:
+            raise UsageError(
+                "--text-model pairs its text tower with the image encoder named by --model: "
+                "name one (e.g. --model cvfm/tiny-resnet)"
+            )
+    return replace(cfg, model=cfg.model or cls.default_model, text_column=text_column)
+
+
+def default_text_column(data: str) -> str:
+    """The text column of a data spec: "caption" for builtin:*-captions, else "text" (JSONL, HF)."""
+    from cvfm.data.builtin import CAPTIONED
+
+    return "caption" if data.removeprefix("builtin:") in CAPTIONED else "text"
+
+
+def _build_model(cfg: PretrainConfig, needs_text: bool):
+    """The image encoder; for a text method the dual encoder `--model`, or the `--model` image encoder
+    paired with the text half of `--text-model`."""
+    if not needs_text:
+        return create_encoder(cfg.model, pretrained=cfg.pretrained)
+    if cfg.text_model is not None:
+        image = create_encoder(cfg.model, pretrained=cfg.pretrained)
+        try:
+            text = create_dual_encoder(cfg.text_model, pretrained=cfg.pretrained)
+        except UsageError as e:
+            raise UsageError(f"--text-model must be an image-text model with a text tower: {e}") from None
+        return PairedEncoder(image, text, name=f"{cfg.model}+{cfg.text_model}")
+    try:
+        return create_dual_encoder(cfg.model, pretrained=cfg.pretrained)
+    except UsageError as e:
+        try:  # does it build as an image-only model? Then say how to give it a text tower.
+            image = create_encoder(cfg.model, pretrained=cfg.pretrained)
+        except CvfmError:
+            image = None
+        if image is None or isinstance(image, ImageTower):
+            raise UsageError(
+                f"--method {cfg.method} trains an image-text model with a text tower: {e}"
+            ) from None
+        raise UsageError(
+            f"--method {cfg.method} trains an image-text model, and '{cfg.model}' is an image encoder with "
+            "no text tower: pair it with one, e.g. --text-model cvfm/tiny-clip"
+        ) from None
+
+
+def _open_training_source(cfg: PretrainConfig, needs_text: bool) -> ImageSource:
+    """The training data, with one text per image for a text method (refused clearly otherwise)."""
+    common = dict(split=cfg.split, image_column=cfg.image_column, label_column=cfg.label_column)
+    if not needs_text:
+        return open_source(cfg.data, strict=cfg.strict, **common)
+    column = cfg.text_column
+    try:
+        source = open_source(cfg.data, text_column=column, strict=cfg.strict, **common)
+    except UsageError as original:
+        # A manifest whose lines all lack the text field ends up empty ("holds no images"): say why.
+        if not cfg.data.endswith(".jsonl"):
+            raise
+        try:
+            open_source(cfg.data, **common)
+        except CvfmError:
+            raise original from None
+        raise UsageError(_no_texts(cfg, column)) from None
+    if not source.has_texts:
+        raise UsageError(_no_texts(cfg, column))
+    lists = [it.id for it in source.items if not isinstance(it.text, str)]
+    if lists:
+        raise UsageError(
+            f"{len(lists)} record(s) of '{cfg.data}' hold a list of texts in '{column}' (first: {lists[0]}): "
+            f"--method {cfg.method} pairs each image with one text; write one record per (image, text) pair"
+        )
+    return source
+
+
+def _no_texts(cfg: PretrainConfig, column: str) -> str:
+    return (
+        f"--method {cfg.method} trains on image-text pairs, but '{cfg.data}' has no text in '{column}' "
+        "(name the field or column with --text-column)"
+    )
+
+
 class _Trainer:
     def __init__(self, cfg: PretrainConfig):
-        self.cfg = cfg
+        self.cfg = cfg = resolve_defaults(cfg)
         run = RunDir(cfg.output, overwrite=cfg.overwrite, resume=cfg.resume)  # refuse early, create later
+        needs_text = method_class(cfg.method).needs_text
         torch.manual_seed(cfg.seed)  # the same initial weights on every process and every resume
-        encoder = create_encoder(cfg.model, pretrained=cfg.pretrained)
-        source = open_source(
-            cfg.data,
-            split=cfg.split,
-            image_column=cfg.image_column,
-            label_column=cfg.label_column,
-            strict=cfg.strict,
-        )
+        encoder = _build_model(cfg, needs_text)
+        source = _open_training_source(cfg, needs_text)
         self.run, self.accelerator = run, _make_accelerator(cfg, run)
         if self.accelerator.device.type == "cpu":
             share_cores_with_workers(cfg.num_workers)
@@ -188,7 +285,9 @@ class _Trainer:
         warmup = min(int(cfg.warmup_epochs * self.steps_per_epoch), int(0.1 * self.total_steps))
         self.lrs = cosine(lr, cfg.min_lr, self.total_steps, warmup_steps=warmup)
         self.wds = cosine(*method.weight_decay, self.total_steps)
-        optimizer = torch.optim.AdamW(method.param_groups(), lr=lr, weight_decay=method.weight_decay[0])
+        optimizer = torch.optim.AdamW(
+            method.param_groups(), lr=lr, weight_decay=method.weight_decay[0], betas=method.adam_betas
+        )
         self.dataset = ImageDataset(source, method.views(), seed=cfg.seed)
         loader = DataLoader(
             self.dataset,
@@ -196,7 +295,7 @@ class _Trainer:
             shuffle=True,
             drop_last=True,
             num_workers=cfg.num_workers,
-            collate_fn=collate,
+            collate_fn=functools.partial(collate, tokenizer=encoder.tokenizer) if needs_text else collate,
             generator=torch.Generator().manual_seed(cfg.seed),
         )
         self.method, self.optimizer, self.loader = self.accelerator.prepare(method, optimizer, loader)
@@ -231,7 +330,7 @@ class _Trainer:
         if self.is_main:
             run.update(**self.resolved, status="running")
         acc.init_trackers("cvfm")
-        self.monitor = _Monitor(cfg) if cfg.monitor and self.is_main else None
+        self.monitor = _Monitor(cfg, self.core.needs_text) if cfg.monitor and self.is_main else None
         if self.monitor and self.step == 0:
             acc.log(self.monitor(self.core.encoder, acc.device), step=0)
         t0 = time.perf_counter()
@@ -272,7 +371,7 @@ class _Trainer:
                 if batch["image"] is None:
                     continue
                 images += batch["image"][0].shape[0] * acc.num_processes
-                record = self._train_step(batch["image"])
+                record = self._train_step(batch)
                 if record is None:
                     continue  # accumulating gradients
                 for k, v in record.items():
@@ -295,7 +394,7 @@ class _Trainer:
             plot_curves(self.run.metrics, self.run.path / "curves.png")
         self._checkpoint(resume_epoch=self.epoch + 1)
 
-    def _train_step(self, views: list[torch.Tensor]) -> dict | None:
+    def _train_step(self, batch: dict) -> dict | None:
         """One forward/backward; after the last micro-batch of an accumulation cycle, the update."""
         acc, core, step = self.accelerator, self.core, self.step
         torch.manual_seed((self.cfg.seed * 1_000_003 + step) * 1009 + acc.process_index)
@@ -304,7 +403,10 @@ class _Trainer:
             if group.get("apply_wd", True):
                 group["weight_decay"] = float(self.wds[step])
         with acc.accumulate(self.method):
-            loss, logs = self.method(views, step)
+            if core.needs_text:
+                loss, logs = self.method(batch["image"], step, tokens=batch["tokens"])
+            else:
+                loss, logs = self.method(batch["image"], step)
             acc.backward(loss)
             if acc.sync_gradients:
                 if core.clip_grad:
@@ -377,27 +479,53 @@ def _save_atomically(encoder, folder: Path) -> None:
 
 
 def _summary(epoch: int, epochs: int, logs: dict) -> None:
-    keys = ("epoch/loss", "epoch/feature_std", "epoch/teacher_entropy", "monitor/knn_top1@20", "images_per_s")
+    keys = (
+        "epoch/loss",
+        "epoch/feature_std",
+        "epoch/teacher_entropy",
+        "epoch/logit_scale",
+        "monitor/knn_top1@20",
+        "monitor/zeroshot_top1",
+        "images_per_s",
+    )
     parts = [f"{k.split('/')[-1]}={logs[k]:.4g}" for k in keys if isinstance(logs.get(k), float)]
     log(f"epoch {epoch}/{epochs} " + " ".join(parts))
 
 
 class _Monitor:
-    """Online k-NN: a fixed random subset of the labelled source's train split as the bank, the test split
-    as queries."""
+    """Online evaluation on a labelled source, once before training and after each epoch.
 
-    def __init__(self, cfg: PretrainConfig):
+    A dual encoder on data with prompt templates (the captioned built-ins) gets zero-shot top-1 on the
+    test split: the quantity CLIP training is for, and it needs no bank. Otherwise k-NN top-1@20 on the
+    (image tower's) features: a fixed random subset of the train split as the bank, the test split as
+    queries.
+    """
+
+    def __init__(self, cfg: PretrainConfig, dual: bool):
         from cvfm.data.sources import subset
 
         rng = np.random.default_rng(cfg.seed)
-        bank = open_source(cfg.monitor, split="train")
         queries = open_source(cfg.monitor, split="test")
-        if not (bank.has_labels and queries.has_labels):
+        self.zero_shot = dual and queries.templates is not None and bool(queries.classes)
+        bank = None if self.zero_shot else open_source(cfg.monitor, split="train")
+        if not queries.has_labels or (bank is not None and not bank.has_labels):
             raise UsageError(f"--monitor '{cfg.monitor}' needs labels on its train and test splits")
-        self.bank = subset(bank, np.sort(rng.permutation(len(bank))[: cfg.monitor_size]))
+        if bank is not None:
+            self.bank = subset(bank, np.sort(rng.permutation(len(bank))[: cfg.monitor_size]))
         self.queries = subset(queries, np.sort(rng.permutation(len(queries))[: cfg.monitor_size // 2]))
 
-    def __call__(self, encoder, device) -> dict:
+    def __call__(self, model, device) -> dict:
+        if self.zero_shot:
+            return {"monitor/zeroshot_top1": _zero_shot_top1(model, self.queries, device)}
+        encoder = model.image_encoder() if isinstance(model, DualEncoder) else model
         xb, yb, _ = extract_features(encoder, self.bank, device=device, desc="monitor bank")
         xq, yq, _ = extract_features(encoder, self.queries, device=device, desc="monitor queries")
         return {f"monitor/{k}": v for k, v in knn_evaluate(xb, yb, xq, yq, ks=(20,)).items() if "top1" in k}
+
+
+def _zero_shot_top1(dual: DualEncoder, source: ImageSource, device) -> float:
+    """Top-1 of the cosine argmax over the class prompt-ensemble embeddings (`build_zeroshot_classifier`,
+    the classifier of `cvfm evaluate zeroshot`)."""
+    feats, labels, _ = extract_features(dual.image_encoder(), source, device=device, desc="monitor zero-shot")
+    classifier = build_zeroshot_classifier(dual, source.classes, source.templates, device=device)
+    return float((zeroshot_logits(feats, classifier).argmax(1) == labels).mean())

@@ -1,0 +1,282 @@
+"""`embed(...)`: the library call behind `cvfm embed`.
+
+One DataLoader decodes (and tokenizes) in worker processes while the model runs; its batch sampler walks
+this process's parts one after another, so at most one part's embeddings are held in memory and each
+part is written as soon as it is complete.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+import cvfm
+from cvfm.data.loader import ImageDataset, SkipLog, collate
+from cvfm.data.sources import ImageSource, open_source
+from cvfm.embed.folder import EmbedFolder
+from cvfm.embed.plan import PartBatchSampler, Plan, check_shard
+from cvfm.embed.processes import Processes
+from cvfm.embed.towers import Towers, load_towers
+from cvfm.embed.writers import JsonLinesWriter, PartWriter
+from cvfm.errors import UsageError
+from cvfm.runtime.precision import autocast, precision_name, resolve_precision
+from cvfm.runtime.progress import log, progress
+
+DTYPES = ("float32", "float16")
+
+
+def embed(
+    model: str,
+    data: str,
+    output: str = "-",
+    *,
+    split: str | None = None,
+    text_column: str | None = None,
+    images: bool = True,
+    image_column: str = "image",
+    label_column: str | None = None,
+    batch_size: int = 256,
+    num_workers: int = 2,
+    precision: str = "auto",
+    dtype: str = "float32",
+    normalize: bool = True,
+    part_size: int = 10_000,
+    shard_id: int = 0,
+    num_shards: int = 1,
+    rank: int | None = None,
+    world_size: int | None = None,
+    overwrite: bool = False,
+    strict: bool = False,
+    pretrained: bool = True,
+    trust_remote_code: bool = False,
+    device: str | None = None,
+    on_part=None,
+) -> dict:
+    """Embed the images (and/or the texts of `text_column`) of `data` with `model`.
+
+    `output` is a folder (clip-retrieval layout, one file set per part, resumable) or "-" for JSON lines
+    on stdout. This process computes the parts it owns: shard `shard_id` of `num_shards`, and within it
+    process `rank` of `world_size` (default: the launcher's environment). `on_part(p)` is called after
+    part p is written. Returns a summary: rows, dims, parts written / already done, skipped items.
+    """
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, not '{dtype}'")
+    check_shard(shard_id, num_shards)
+    texts = text_column is not None
+    if not images and not texts:
+        raise UsageError("nothing to embed: --no-images needs --text-column")
+    to_stdout = output == "-"
+    procs = Processes.detect(rank, world_size)
+    if procs.world > 1 and to_stdout:
+        raise UsageError("-o - under several processes would interleave their lines: write to a folder")
+    if procs.world > 1 and data == "-":
+        raise UsageError("--data - (stdin) reaches one process only: use a manifest file with several")
+    source = open_source(
+        data,
+        split=split,
+        image_column=image_column,
+        label_column=label_column,
+        text_column=text_column,
+        images=images,
+        strict=strict,
+    )
+    if texts:
+        _check_one_text_per_row(source, text_column)
+    dev = torch.device(device) if device else (procs.device or _default_device())
+    amp = resolve_precision(precision, dev)
+    plan = Plan(len(source), part_size)
+    owned = plan.owned(shard_id, num_shards, procs.rank, procs.world)
+    modalities = ("image",) * images + ("text",) * texts
+    folder = None
+    if not to_stdout:
+        config = {
+            "cvfm_version": cvfm.__version__,
+            "model": model,
+            "random_init": not pretrained,
+            "data": data,
+            "split": split,
+            "image_column": image_column if images else None,
+            "label_column": label_column,
+            "text_column": text_column,
+            "modalities": list(modalities),
+            "num_rows": len(source),
+            "rows_sha256": rows_digest(source, images),
+            "part_size": part_size,
+            "num_parts": plan.num_parts,
+            "normalize": normalize,
+            "precision": precision_name(amp),
+            "dtype": dtype,
+        }
+        folder = EmbedFolder(output, config, modalities)
+    state = folder.check(overwrite) if folder else "stdout"
+    procs.barrier()  # every process has looked at the folder before any writes to it
+    done = {}
+    if folder is not None and state == "resume":
+        done = {p: info for p in owned if (info := folder.part_info(p)) is not None}
+    todo = [p for p in owned if p not in done]
+    towers = None
+    if todo:
+        towers = load_towers(
+            model, images=images, texts=texts, pretrained=pretrained, trust_remote_code=trust_remote_code
+        )
+    log(
+        f"embed: {len(source)} rows, {plan.num_parts} parts of {part_size}; process {procs.rank} of shard "
+        f"{shard_id} owns {len(owned)}" + (f", {len(done)} already done" if done else "")
+    )
+    if folder is not None:
+        if state != "resume":
+            folder.write_config()
+        if state == "overwrite" and procs.rank == 0 and shard_id == 0:
+            folder.remove_parts_from(plan.num_parts)
+    if towers is None:
+        why = f"all {len(owned)} parts of this process are already done" if owned else "it owns no part"
+        log(f"embed: {why}: nothing to do")
+        dims = folder.dims(owned[0]) if folder is not None and owned else {}
+        written = []
+    else:
+        dims = towers.dims
+        if folder is not None:
+            writer = PartWriter(folder, source, dims, dtype, on_part, plan.num_parts)
+        else:
+            writer = JsonLinesWriter(source, on_part=on_part)
+        if dev.type == "cpu":
+            compute_threads(num_workers, procs.world)
+        log(f"embed: {len(todo)} parts to compute on {dev} ({precision_name(amp)})")
+        loop = {"num_workers": num_workers, "normalize": normalize}
+        skips = SkipLog(strict, source.skipped)
+        try:
+            _embed_parts(
+                towers, source, PartBatchSampler(plan, todo, batch_size), writer, dev, amp, skips, **loop
+            )
+        except KeyboardInterrupt:
+            if folder is not None:
+                n = len(writer.written)
+                log(f"embed: interrupted after {n} of {len(todo)} parts; the same command finishes the rest")
+            raise
+        written = writer.written
+    summary = {
+        "model": model,
+        "data": data,
+        "split": split,
+        "output": output,
+        "precision": precision_name(amp),
+        "rows": sum(r["rows"] for r in [*done.values(), *written]),
+        "dims": dims,
+        "parts": {
+            "total": plan.num_parts,
+            "owned": len(owned),
+            "written": len(written),
+            "already_done": len(done),
+        },
+        "skipped": _unique(source.skipped + [s for r in [*done.values(), *written] for s in r["skipped"]]),
+    }
+    return merge_summaries(procs.gather(summary))
+
+
+def rows_digest(source: ImageSource, images: bool) -> str:
+    """A hash of the rows in order (ids, image references, texts): a changed source is not resumed."""
+    h = hashlib.sha256()
+    for it in source.items:
+        ref = it.ref if images else None
+        h.update(f"{it.id}\t{ref}\t{it.text}\n".encode("utf-8", "surrogatepass"))
+    return h.hexdigest()
+
+
+def merge_summaries(summaries: list[dict]) -> dict:
+    """One summary for all processes of a launch (rows and parts added up)."""
+    first = dict(summaries[0])
+    if len(summaries) == 1:
+        return first
+    first["rows"] = sum(s["rows"] for s in summaries)
+    first["dims"] = next((s["dims"] for s in summaries if s["dims"]), {})
+    first["parts"] = {k: sum(s["parts"][k] for s in summaries) for k in ("owned", "written", "already_done")}
+    first["parts"]["total"] = summaries[0]["parts"]["total"]
+    first["skipped"] = _unique([e for s in summaries for e in s["skipped"]])
+    first["processes"] = len(summaries)
+    return first
+
+
+def compute_threads(num_workers: int, world: int = 1) -> int:
+    """Torch threads for a CPU run: this process's share of the cores, less one per decoding worker
+    (unless OMP_NUM_THREADS is set). Decoding real photos costs about as much as running a small model,
+    and on a 2-core machine with other work running, 2 torch threads made a bf16 ViT-B/32 forward 3.5x
+    slower than 1 (threads that wait for a busy core stall every op)."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // world - num_workers)
+    torch.set_num_threads(threads)
+    return threads
+
+
+@torch.inference_mode()
+def _embed_parts(
+    towers: Towers,
+    source: ImageSource,
+    sampler: PartBatchSampler,
+    writer: PartWriter | JsonLinesWriter,
+    device: torch.device,
+    amp: torch.dtype | None,
+    skips: SkipLog,
+    *,
+    num_workers: int,
+    normalize: bool,
+) -> None:
+    """Run the model over the sampler's batches (one DataLoader for all parts) and feed the writer;
+    `writer.finish(part, skipped)` follows the last batch of each part."""
+    loader = DataLoader(
+        ImageDataset(source, towers.preprocess.transform() if towers.image is not None else None),
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=functools.partial(collate, tokenizer=towers.tokenizer),
+        pin_memory=device.type == "cuda",
+    )
+    towers.module.eval().to(device)
+    part_skipped: list[dict] = []
+    with progress("embed", total=len(sampler)) as advance:
+        for (part, last), batch in zip(sampler.steps(), loader, strict=True):
+            skips.add(batch["skipped"])  # raises with --strict
+            part_skipped += [{"where": s.where, "reason": s.reason} for s in batch["skipped"]]
+            if batch["index"] is not None:
+                out = {}
+                with autocast(device, amp):
+                    if towers.image is not None:
+                        out["image"] = towers.image(batch["image"].to(device, non_blocking=True))
+                    if towers.text is not None:
+                        out["text"] = towers.text({k: v.to(device) for k, v in batch["tokens"].items()})
+                arrays = {m: _to_numpy(e, normalize) for m, e in out.items()}
+                writer.add(part, batch["index"].tolist(), arrays)
+            if last:
+                writer.finish(part, part_skipped)
+                part_skipped = []
+            advance()
+
+
+def _to_numpy(e: torch.Tensor, normalize: bool) -> np.ndarray:
+    e = e.float()
+    if normalize:
+        e = F.normalize(e, dim=-1, eps=1e-12)
+    return e.cpu().numpy()
+
+
+def _check_one_text_per_row(source: ImageSource, column: str) -> None:
+    bad = next((it for it in source.items if isinstance(it.text, tuple)), None)
+    if bad is not None:
+        raise UsageError(
+            f"row '{bad.id}' has {len(bad.text)} texts in '{column}': embed takes one text per row "
+            "(write one row per caption)"
+        )
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _unique(entries: list[dict]) -> list[dict]:
+    return list({e["where"]: e for e in entries}.values())

@@ -1,0 +1,89 @@
+"""Where embedded batches go: whole parts into the output folder, or JSON lines on stdout."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+
+import numpy as np
+
+from cvfm.data.sources import ImageSource
+from cvfm.embed.folder import EmbedFolder
+from cvfm.runtime.progress import log
+
+
+class PartWriter:
+    """Collects one part's rows (at most one part in memory) and writes it when its last batch came."""
+
+    def __init__(
+        self,
+        folder: EmbedFolder,
+        source: ImageSource,
+        dims: dict[str, int],
+        dtype: str = "float32",
+        on_part: Callable[[int], None] | None = None,
+        num_parts: int | None = None,
+    ):
+        self.folder, self.source, self.dims, self.dtype = folder, source, dims, np.dtype(dtype)
+        self.on_part, self.num_parts = on_part, num_parts
+        self.written: list[dict] = []
+        self._reset()
+
+    def _reset(self) -> None:
+        self.rows: list[int] = []
+        self.arrays: dict[str, list[np.ndarray]] = {m: [] for m in self.dims}
+
+    def add(self, part: int, rows: list[int], arrays: dict[str, np.ndarray]) -> None:
+        self.rows.extend(rows)
+        for m, a in arrays.items():
+            self.arrays[m].append(a)
+
+    def finish(self, part: int, skipped: list[dict]) -> None:
+        empty = {m: np.zeros((0, d), np.float32) for m, d in self.dims.items()}
+        arrays = {m: np.concatenate(c or [empty[m]]).astype(self.dtype) for m, c in self.arrays.items()}
+        self.folder.write_part(part, arrays, metadata_columns(self.source, self.rows, self.dims), skipped)
+        self.written.append({"part": part, "rows": len(self.rows), "skipped": skipped})
+        of = f"/{self.num_parts}" if self.num_parts else ""
+        log(f"embed: part {part}{of} written ({len(self.rows)} rows, {len(skipped)} skipped)")
+        self._reset()
+        if self.on_part is not None:
+            self.on_part(part)
+
+
+class JsonLinesWriter:
+    """Streams `{"id", "label", "image_embedding"?, "text_embedding"?}` lines, batch by batch."""
+
+    def __init__(self, source: ImageSource, stream=None, on_part: Callable[[int], None] | None = None):
+        self.source, self.stream, self.on_part = source, stream, on_part
+        self.written: list[dict] = []
+        self._rows = 0
+
+    def add(self, part: int, rows: list[int], arrays: dict[str, np.ndarray]) -> None:
+        stream = self.stream or sys.stdout
+        lists = {m: a.tolist() for m, a in arrays.items()}
+        for j, i in enumerate(rows):
+            item = self.source.items[i]
+            record = {"id": item.id, "label": item.label}
+            record.update({f"{m}_embedding": v[j] for m, v in lists.items()})
+            stream.write(json.dumps(record) + "\n")
+        stream.flush()
+        self._rows += len(rows)
+
+    def finish(self, part: int, skipped: list[dict]) -> None:
+        self.written.append({"part": part, "rows": self._rows, "skipped": skipped})
+        self._rows = 0
+        if self.on_part is not None:
+            self.on_part(part)
+
+
+def metadata_columns(source: ImageSource, rows: list[int], dims: dict[str, int]) -> dict[str, list]:
+    """id, image (path, or the id for in-memory images), label, caption: one entry per embedded row."""
+    items = [source.items[i] for i in rows]
+    columns: dict[str, list] = {"id": [it.id for it in items]}
+    if "image" in dims:
+        columns["image"] = [it.ref if isinstance(it.ref, str) else it.id for it in items]
+    columns["label"] = [it.label for it in items]
+    if "text" in dims:
+        columns["caption"] = [it.text for it in items]
+    return columns
