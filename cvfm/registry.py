@@ -27,6 +27,7 @@ from pathlib import Path
 
 from cvfm.data.views import Preprocess
 from cvfm.errors import CvfmError, UsageError
+from cvfm.models.blip import Captioner, Matcher
 from cvfm.models.dual import DualEncoder, HFDualEncoder, is_dual_model
 from cvfm.models.encoder import Encoder, HFEncoder, TimmEncoder, check_loading_info, read_preprocess
 from cvfm.models.openclip import CONFIG_FILE as OPEN_CLIP_CONFIG
@@ -110,6 +111,16 @@ def list_models(pattern: str = "*", *, sources: tuple[str, ...] = ("cvfm",)) -> 
             "kind": "image-text",
             "input_size": 32,
             "description": "image-text CLIPModel (ViT patch 8, text transformer; width 128, 2 layers), 32 px",
+        }
+    )
+    rows.append(
+        {
+            "id": TINY_BLIP,
+            "source": "cvfm",
+            "arch": "blip",
+            "kind": "captioner+matcher",
+            "input_size": 32,
+            "description": "BLIP captioner and image-text matcher (ViT patch 8, BERT text, width 128), 32 px",
         }
     )
     if "timm" in sources:
@@ -229,6 +240,53 @@ def create_dual_encoder(
     )
 
 
+TINY_BLIP = "cvfm/tiny-blip"
+
+
+def create_captioner(model_id: str, *, pretrained: bool = True, trust_remote_code: bool = False) -> Captioner:
+    """A BLIP captioner: `cvfm/tiny-blip`, `hf/<repo>` (BlipForConditionalGeneration) or a folder."""
+    from transformers import BlipForConditionalGeneration
+
+    return _blip(model_id, BlipForConditionalGeneration, Captioner, pretrained, trust_remote_code)
+
+
+def create_matcher(model_id: str, *, pretrained: bool = True, trust_remote_code: bool = False) -> Matcher:
+    """A BLIP image-text matcher (ITM + ITC heads): `cvfm/tiny-blip`, `hf/<repo>`
+    (BlipForImageTextRetrieval) or a folder."""
+    from transformers import BlipForImageTextRetrieval
+
+    return _blip(model_id, BlipForImageTextRetrieval, Matcher, pretrained, trust_remote_code)
+
+
+def _blip(model_id: str, model_cls, face, pretrained: bool, trust_remote_code: bool):
+    if model_id == TINY_BLIP:
+        from cvfm.models.tiny_blip import build_tiny_blip, build_tokenizer
+
+        return face(build_tiny_blip(model_cls), build_tokenizer(), model_id, _SMALL_PREPROCESS)
+    path = Path(model_id)
+    if path.is_dir() and (path / "backbone").is_dir():  # a cvfm run folder
+        path = path / "backbone"
+    if model_id.startswith("hf/"):
+        repo = model_id.removeprefix("hf/")
+    elif path.is_dir():
+        repo = str(path)
+        config = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
+        if model_cls.__name__ not in config.get("architectures", []):
+            found = ", ".join(config.get("architectures", [])) or "no transformers model"
+            raise UsageError(f"folder '{model_id}' holds {found}, not a {model_cls.__name__}")
+    else:
+        raise UsageError(
+            f"unknown {face.__name__.lower()} '{model_id}': use {TINY_BLIP}, hf/<repo-id> or a folder"
+        )
+    try:
+        model, preprocess = _hf_model(repo, model_id, pretrained, trust_remote_code, model_cls)
+    except CvfmError:
+        raise
+    except ValueError as e:  # e.g. a config of another model type
+        raise UsageError(f"'{model_id}' is not a {model_cls.__name__}: {e}") from None
+    return face(model, _hf_tokenizer(repo, model_id, trust_remote_code), model_id, preprocess)
+
+
 def _suggest(name: str, choices) -> str:
     close = difflib.get_close_matches(name, list(choices), n=3)
     return f" (did you mean: {', '.join(close)}?)" if close else ""
@@ -258,13 +316,15 @@ def _timm(arch: str, name: str, pretrained: bool, kwargs: dict, preprocess: Prep
     return TimmEncoder(model, name, base, kwargs, preprocess)
 
 
-def _hf_model(repo: str, name: str, pretrained: bool, trust_remote_code: bool):
-    """A transformers AutoModel from the hub or a folder; weights must match the architecture."""
+def _hf_model(repo: str, name: str, pretrained: bool, trust_remote_code: bool, model_cls=None):
+    """A transformers model (`model_cls`, default AutoModel) from the hub or a folder; weights must match
+    the architecture."""
     from transformers import AutoConfig, AutoModel
 
+    model_cls = model_cls or AutoModel
     try:
         if pretrained:
-            model, info = AutoModel.from_pretrained(
+            model, info = model_cls.from_pretrained(
                 repo,
                 output_loading_info=True,
                 use_safetensors=True,
@@ -274,7 +334,10 @@ def _hf_model(repo: str, name: str, pretrained: bool, trust_remote_code: bool):
             check_loading_info(info, name)
         else:
             config = AutoConfig.from_pretrained(repo, trust_remote_code=trust_remote_code)
-            model = AutoModel.from_config(config, trust_remote_code=trust_remote_code)
+            if model_cls is AutoModel:
+                model = AutoModel.from_config(config, trust_remote_code=trust_remote_code)
+            else:
+                model = model_cls(config)
     except (OSError, ValueError) as e:
         if Path(repo).is_dir():
             raise CvfmError(f"cannot load transformers model from '{repo}': {e}") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -105,3 +106,21 @@ def cli(capsys, monkeypatch):
         return Result(code, out, err)
 
     return run
+
+
+TOY_COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 60, 230), "yellow": (235, 220, 30)}
+
+
+def write_colour_pairs(root: Path, size: int = 12) -> Path:
+    """48 noisy flat-colour images (12 per colour in TOY_COLOURS), each captioned "a <colour> square",
+    as a JSONL manifest `root/pairs.jsonl` with labels: a trivially separable image-text set."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for c, (name, rgb) in enumerate(TOY_COLOURS.items()):
+        for i in range(12):
+            pixels = np.clip(np.array(rgb) + rng.normal(0, 20, (size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / f"{name}{i}.png")
+            lines.append({"image": f"{name}{i}.png", "text": f"a {name} square", "label": c})
+    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return root / "pairs.jsonl"

@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import TOY_COLOURS, write_colour_pairs
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -24,8 +25,6 @@ from cvfm.methods.clip import MAX_LOGIT_SCALE, clip_loss
 from cvfm.registry import create_dual_encoder, create_encoder
 from cvfm.runtime.checkpoint import latest_checkpoint
 from cvfm.runtime.trainer import PretrainConfig, pretrain
-
-TOY_COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 60, 230), "yellow": (235, 220, 30)}
 
 # ---------------------------------------------------------------------------------------------- the loss
 
@@ -127,18 +126,7 @@ def test_forward_logs_scale_and_feature_spread_and_needs_tokens():
 
 @pytest.fixture
 def toy_pairs(tmp_path):
-    """48 noisy flat-colour 12 px images, 12 per colour, each captioned with its colour (a JSONL manifest)."""
-    rng = np.random.default_rng(0)
-    root = tmp_path / "pairs"
-    root.mkdir()
-    lines = []
-    for c, (name, rgb) in enumerate(TOY_COLOURS.items()):
-        for i in range(12):
-            pixels = np.clip(np.array(rgb) + rng.normal(0, 20, (12, 12, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / f"{name}{i}.png")
-            lines.append({"image": f"{name}{i}.png", "text": f"a {name} square", "label": c})
-    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    return root / "pairs.jsonl"
+    return write_colour_pairs(tmp_path / "pairs", size=12)
 
 
 def _config(out, data, **kw) -> PretrainConfig:

@@ -11,10 +11,9 @@ import os
 import signal
 import sys
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from conftest import write_colour_pairs
 from safetensors.torch import load_file, save_file
 
 from cvfm.errors import CvfmError, UsageError
@@ -26,7 +25,6 @@ from cvfm.runtime.checkpoint import latest_checkpoint
 from cvfm.runtime.trainer import PretrainConfig, pretrain
 
 TEXTS = ["a red square", "the digit seven written in blue", "zebra"]
-TOY_COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 60, 230), "yellow": (235, 220, 30)}
 
 
 @pytest.fixture(scope="module")
@@ -165,18 +163,7 @@ def test_open_clip_text_half_is_kept_whole_with_its_image_tower_frozen(tmp_path,
 
 @pytest.fixture
 def toy_pairs(tmp_path):
-    """48 noisy flat-colour 12 px images, 12 per colour, captioned with their colour (as in test_clip)."""
-    rng = np.random.default_rng(0)
-    root = tmp_path / "pairs"
-    root.mkdir()
-    lines = []
-    for c, (name, rgb) in enumerate(TOY_COLOURS.items()):
-        for i in range(12):
-            pixels = np.clip(np.array(rgb) + rng.normal(0, 20, (12, 12, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / f"{name}{i}.png")
-            lines.append({"image": f"{name}{i}.png", "text": f"a {name} square", "label": c})
-    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    return root / "pairs.jsonl"
+    return write_colour_pairs(tmp_path / "pairs", size=12)
 
 
 def _config(out, data, **kw) -> PretrainConfig:

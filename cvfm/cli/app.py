@@ -56,9 +56,9 @@ def _register() -> None:
     global _registered
     if _registered:
         return
-    from cvfm.cli import embed, evaluate, models, pretrain
+    from cvfm.cli import capfilt, caption, embed, evaluate, models, pretrain
 
-    for module in (models, pretrain, embed):
+    for module in (models, pretrain, embed, caption, capfilt):
         module.register(app)
     app.add_typer(evaluate.app, name="evaluate")
     _registered = True
@@ -86,6 +86,10 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("cvfm: interrupted", err=True)
         sys.exit(130)
+    except BrokenPipeError:  # the reader stopped early (`cvfm ... -o - | head -1`): not an error of ours
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not fail again
+        sys.exit(0)
 
 
 _register()

@@ -1,4 +1,5 @@
-"""`cvfm pretrain`: self-supervised pre-training of a registry backbone, or CLIP on image-text pairs."""
+"""`cvfm pretrain`: self-supervised pre-training of a registry backbone, CLIP on image-text pairs, or BLIP's
+captioner / filter fine-tuning (before CapFilt)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,18 @@ def pretrain(
     output: str = typer.Option(
         ..., "--output", "-o", help="Run folder (refused if it exists, see --overwrite)."
     ),
-    method: str = typer.Option("dino", "--method", "-m", help="simclr, byol, dino or clip (image-text)."),
+    method: str = typer.Option(
+        "dino",
+        "--method",
+        "-m",
+        help="simclr, byol, dino; clip (image-text); blip-captioner, blip-filter (BLIP fine-tuning).",
+    ),
     model: str = typer.Option(
         None,
         "--model",
         help="Registry id of the backbone (default cvfm/tiny-resnet); for clip an image-text model "
-        "(default cvfm/tiny-clip), or any image encoder with --text-model.",
+        "(default cvfm/tiny-clip), or any image encoder with --text-model; for blip-* a BLIP model, "
+        "loaded with its weights (default cvfm/tiny-blip; hf/<BLIP repo>, a folder or a blip-* run).",
     ),
     text_model: str = typer.Option(
         None,
@@ -47,7 +54,7 @@ def pretrain(
     text_column: str = typer.Option(
         None,
         "--text-column",
-        help="clip: the caption field of a .jsonl / column of an hf: dataset (default 'text'; "
+        help="clip, blip-*: the caption field of a .jsonl / column of an hf: dataset (default 'text'; "
         "'caption' for builtin:*-captions).",
     ),
     strict: bool = common.Strict,
@@ -56,12 +63,16 @@ def pretrain(
         False, "--resume", help="Continue the run in --output from its last checkpoint."
     ),
 ) -> None:
-    """Pre-train a backbone without labels (SimCLR, BYOL, DINO), or an image-text model (CLIP).
+    """Pre-train a backbone without labels (SimCLR, BYOL, DINO), or an image-text model (CLIP); fine-tune
+    BLIP's captioner (LM loss) or filter (ITC + ITM with hard negatives) on clean pairs, as BLIP does
+    before CapFilt.
 
     Writes run.json, metrics.jsonl, curves.png, checkpoints/ and backbone/ (safetensors, loadable as
     --model <run folder> and by timm.create_model('local-dir:<run>/backbone'); for clip the whole
     image-text model, in its own layout; with --text-model backbone/ holds paired.json, image/ (the
-    image encoder's layout), text/ and heads.safetensors). Prints the run folder.
+    image encoder's layout), text/ and heads.safetensors; for blip-captioner / blip-filter the fine-tuned
+    captioner / matcher, which `cvfm capfilt` and create_captioner / create_matcher load from the run
+    folder). Prints the run folder.
     Ctrl-C or SIGTERM writes a checkpoint first; --resume continues exactly where the run stopped.
 
     Examples:
@@ -75,6 +86,10 @@ def pretrain(
       cvfm pretrain --data pairs.jsonl --method clip --text-column caption -o runs/clip
 
       cvfm pretrain -d pairs.jsonl -m clip --model timm/resnet18 --text-model cvfm/tiny-clip -o runs/paired
+
+      cvfm pretrain -d builtin:animal-captions --split train -m blip-filter --epochs 2 -o runs/filter
+
+      cvfm pretrain -d pairs.jsonl -m blip-captioner --opt prompt="a photo of " -o runs/captioner
 
       accelerate launch -m cvfm pretrain --data photos/ --method byol -o runs/byol
 

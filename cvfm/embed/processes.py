@@ -48,3 +48,9 @@ class Processes:
         out: list[Any] = [None] * self.world
         torch.distributed.all_gather_object(out, obj)
         return out
+
+    def close(self) -> None:
+        """Leave the process group once every process is done (exiting with it alive can abort gloo)."""
+        if self.distributed and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()

@@ -176,7 +176,9 @@ def embed(
         },
         "skipped": _unique(source.skipped + [s for r in [*done.values(), *written] for s in r["skipped"]]),
     }
-    return merge_summaries(procs.gather(summary))
+    summaries = procs.gather(summary)
+    procs.close()
+    return merge_summaries(summaries)
 
 
 def rows_digest(source: ImageSource, images: bool) -> str:

@@ -1,7 +1,9 @@
-"""Self-supervised objectives; each is a small module wiring views, heads and a loss."""
+"""Self-supervised and image-text objectives (and BLIP's fine-tuning); each is a small module wiring views,
+heads and a loss."""
 
 from cvfm.errors import UsageError
 from cvfm.methods.base import Budget, Method, configure
+from cvfm.methods.blip import BLIPCaptioner, BLIPCaptionerConfig, BLIPFilter, BLIPFilterConfig
 from cvfm.methods.byol import BYOL, BYOLConfig
 from cvfm.methods.clip import CLIP, CLIPConfig
 from cvfm.methods.dino import DINO, DINOConfig
@@ -12,11 +14,13 @@ METHODS: dict[str, tuple[type[Method], type]] = {
     "byol": (BYOL, BYOLConfig),
     "dino": (DINO, DINOConfig),
     "clip": (CLIP, CLIPConfig),
+    "blip-captioner": (BLIPCaptioner, BLIPCaptionerConfig),  # BLIP fine-tuning before CapFilt
+    "blip-filter": (BLIPFilter, BLIPFilterConfig),
 }
 
 
 def method_class(name: str) -> type[Method]:
-    """The class registered as `name` (its `needs_text` and `default_model` steer the trainer)."""
+    """The class registered as `name` (its `model_kind` and `default_model` steer the trainer)."""
     if name not in METHODS:
         raise UsageError(f"unknown method '{name}' (choose from: {', '.join(METHODS)})")
     return METHODS[name][0]

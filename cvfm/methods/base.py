@@ -30,12 +30,15 @@ class Budget:
 class Method(nn.Module, abc.ABC):
     """A backbone plus heads and a loss. `forward(views, step)` returns (loss, logs).
 
-    A method with `needs_text = True` (CLIP) trains a `DualEncoder` as `self.encoder` on image-text
-    pairs: the trainer opens the data with its text column, tokenizes the texts in the DataLoader and
-    calls `forward(views, step, tokens=...)`.
+    `model_kind` names what the trainer builds as `self.encoder` from `--model` and saves as backbone/:
+    "image" (an `Encoder`), "dual" (a `DualEncoder`, CLIP), "captioner" or "matcher" (BLIP's `Captioner`
+    / `Matcher`). Every kind but "image" trains on image-text pairs (`needs_text`): the trainer opens the
+    data with its text column; for "dual" it tokenizes the texts in the DataLoader and calls
+    `forward(views, step, tokens=...)`, for the BLIP faces (which tokenize themselves) it calls
+    `forward(views, step, texts=[...])` with the raw strings.
     """
 
-    needs_text: bool = False
+    model_kind: str = "image"
     default_model: str = "cvfm/tiny-resnet"  # the registry id used when --model is left out
 
     # AdamW learning rate at batch size 256, scaled by sqrt(batch / 256): the square-root rule suits Adam
@@ -44,6 +47,11 @@ class Method(nn.Module, abc.ABC):
     weight_decay: tuple[float, float] = (0.05, 0.05)  # start, end of a cosine schedule
     clip_grad: float | None = None
     adam_betas: tuple[float, float] = (0.9, 0.999)  # torch's AdamW default
+
+    @classmethod
+    def needs_text(cls) -> bool:
+        """Every kind but "image" trains on image-text pairs."""
+        return cls.model_kind != "image"
 
     def __init__(self, encoder: Encoder | DualEncoder, cfg, budget: Budget):
         super().__init__()
@@ -55,7 +63,8 @@ class Method(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def forward(self, views: list[torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """(loss, logs) for one batch of views; text methods also take `tokens` (a dict of tensors)."""
+        """(loss, logs) for one batch of views; text methods also take `tokens` (a dict of tensors, "dual")
+        or `texts` (a list of strings, "captioner" / "matcher")."""
 
     def before_optimizer_step(self, step: int) -> None:
         """Hook after gradients exist, before the update (DINO freezes its last layer here)."""

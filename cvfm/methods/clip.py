@@ -79,7 +79,7 @@ class CLIP(Method):
     """`self.encoder` is a `DualEncoder` (a `PairedEncoder` too); `forward(views, step, tokens)` takes the
     batch's tokenized texts."""
 
-    needs_text = True
+    model_kind = "dual"
     default_model = "cvfm/tiny-clip"
     # open_clip's default lr is 5e-4 at batch 32k for ViTs; from scratch at CPU batch sizes a higher
     # sqrt-scaled rate trains faster: 2e-3 at 256 (1.4e-3 at batch 128), see examples/clip_demo.sh.

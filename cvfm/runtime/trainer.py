@@ -5,10 +5,14 @@ Exact resume: the sampler order is seeded by (seed, epoch), each sample's augmen
 global step; the checkpoint holds the model with its EMA teacher and DINO centre, the optimizer and
 the gradient scaler. A run stopped and resumed therefore ends with the same weights.
 
-Methods with `needs_text` (CLIP) train a dual encoder on image-text pairs: the data is opened with its
+Methods with `needs_text()` (CLIP, BLIP) train a dual encoder on image-text pairs: the data is opened with its
 text column, the DataLoader tokenizes the texts, the method gets `tokens=`, and the whole dual encoder
 is saved as the run's backbone/. The dual encoder is `--model` itself, or with `--text-model` a
 `PairedEncoder`: the `--model` image encoder, a projection and the text half of `--text-model`.
+BLIP's fine-tuning methods (`blip-captioner`, `blip-filter`) train a `Captioner` / `Matcher` built from
+`--model` with its weights (they fine-tune), get the batch's raw texts (`texts=`: the BLIP faces
+tokenize themselves) and save the fine-tuned face as backbone/ (`create_captioner` / `create_matcher`
+load the run folder).
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from cvfm.eval.zeroshot import build_zeroshot_classifier, zeroshot_logits
 from cvfm.methods import Budget, build_method, method_class
 from cvfm.models.dual import DualEncoder, ImageTower
 from cvfm.models.paired import PairedEncoder
-from cvfm.registry import create_dual_encoder, create_encoder
+from cvfm.registry import create_captioner, create_dual_encoder, create_encoder, create_matcher
 from cvfm.runtime.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from cvfm.runtime.progress import log, progress
 from cvfm.runtime.run_dir import RunDir
@@ -169,12 +173,16 @@ def resolve_defaults(cfg: PretrainConfig) -> PretrainConfig:
     """Fill in what depends on the method: the model id and, for text methods, the text column."""
     cls = method_class(cfg.method)
     text_column = cfg.text_column
-    if cls.needs_text:
+    if cls.needs_text():
         text_column = text_column or default_text_column(cfg.data)
     elif text_column is not None:
-        raise UsageError(f"--text-column is for methods that train on texts (clip), not '{cfg.method}'")
+        raise UsageError(
+            f"--text-column is for methods that train on texts (clip, blip-*), not '{cfg.method}'"
+        )
+    if cls.model_kind in ("captioner", "matcher") and cfg.monitor:
+        raise UsageError(f"--monitor evaluates image or dual encoders; --method {cfg.method} has none")
     if cfg.text_model is not None:
-        if not cls.needs_text:
+        if cls.model_kind != "dual":
             raise UsageError(f"--text-model is for methods that train on texts (clip), not '{cfg.method}'")
         if cfg.model is None:
             raise UsageError(
@@ -191,11 +199,21 @@ def default_text_column(data: str) -> str:
     return "caption" if data.removeprefix("builtin:") in CAPTIONED else "text"
 
 
-def _build_model(cfg: PretrainConfig, needs_text: bool):
+def _build_model(cfg: PretrainConfig, kind: str):
     """The image encoder; for a text method the dual encoder `--model`, or the `--model` image encoder
-    paired with the text half of `--text-model`."""
-    if not needs_text:
+    paired with the text half of `--text-model`; for BLIP fine-tuning the `--model` captioner or matcher
+    with its weights (the registry's pretrained ones, a folder's or a run's; cvfm/tiny-blip has none)."""
+    if kind == "image":
         return create_encoder(cfg.model, pretrained=cfg.pretrained)
+    if kind in ("captioner", "matcher"):
+        create = create_captioner if kind == "captioner" else create_matcher
+        try:
+            return create(cfg.model, pretrained=True)
+        except UsageError as e:
+            raise UsageError(
+                f"--method {cfg.method} fine-tunes a BLIP {kind} (cvfm/tiny-blip, hf/<BLIP repo>, or a "
+                f"folder or run holding one), not '{cfg.model}': {e}"
+            ) from None
     if cfg.text_model is not None:
         image = create_encoder(cfg.model, pretrained=cfg.pretrained)
         try:
@@ -259,9 +277,10 @@ class _Trainer:
     def __init__(self, cfg: PretrainConfig):
         self.cfg = cfg = resolve_defaults(cfg)
         run = RunDir(cfg.output, overwrite=cfg.overwrite, resume=cfg.resume)  # refuse early, create later
-        needs_text = method_class(cfg.method).needs_text
+        kind = method_class(cfg.method).model_kind
+        needs_text = method_class(cfg.method).needs_text()
         torch.manual_seed(cfg.seed)  # the same initial weights on every process and every resume
-        encoder = _build_model(cfg, needs_text)
+        encoder = _build_model(cfg, kind)
         source = _open_training_source(cfg, needs_text)
         self.run, self.accelerator = run, _make_accelerator(cfg, run)
         if self.accelerator.device.type == "cpu":
@@ -295,7 +314,8 @@ class _Trainer:
             shuffle=True,
             drop_last=True,
             num_workers=cfg.num_workers,
-            collate_fn=functools.partial(collate, tokenizer=encoder.tokenizer) if needs_text else collate,
+            # a dual encoder's texts are tokenized here; the BLIP faces take the raw strings
+            collate_fn=functools.partial(collate, tokenizer=encoder.tokenizer) if kind == "dual" else collate,
             generator=torch.Generator().manual_seed(cfg.seed),
         )
         self.method, self.optimizer, self.loader = self.accelerator.prepare(method, optimizer, loader)
@@ -330,7 +350,7 @@ class _Trainer:
         if self.is_main:
             run.update(**self.resolved, status="running")
         acc.init_trackers("cvfm")
-        self.monitor = _Monitor(cfg, self.core.needs_text) if cfg.monitor and self.is_main else None
+        self.monitor = _Monitor(cfg, self.core.model_kind == "dual") if cfg.monitor and self.is_main else None
         if self.monitor and self.step == 0:
             acc.log(self.monitor(self.core.encoder, acc.device), step=0)
         t0 = time.perf_counter()
@@ -403,8 +423,10 @@ class _Trainer:
             if group.get("apply_wd", True):
                 group["weight_decay"] = float(self.wds[step])
         with acc.accumulate(self.method):
-            if core.needs_text:
+            if core.model_kind == "dual":
                 loss, logs = self.method(batch["image"], step, tokens=batch["tokens"])
+            elif core.needs_text():
+                loss, logs = self.method(batch["image"], step, texts=batch["text"])
             else:
                 loss, logs = self.method(batch["image"], step)
             acc.backward(loss)
@@ -484,6 +506,7 @@ def _summary(epoch: int, epochs: int, logs: dict) -> None:
         "epoch/feature_std",
         "epoch/teacher_entropy",
         "epoch/logit_scale",
+        "epoch/itm_accuracy",
         "monitor/knn_top1@20",
         "monitor/zeroshot_top1",
         "images_per_s",
