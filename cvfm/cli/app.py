@@ -14,7 +14,7 @@ from cvfm.errors import CvfmError
 
 app = typer.Typer(
     name="cvfm",
-    help="Computer-vision foundation models from the command line: pre-train, embed, evaluate.",
+    help="Computer-vision foundation models from the command line: pre-train, embed, caption, evaluate.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
