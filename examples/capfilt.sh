@@ -5,11 +5,11 @@
 #   EPOCHS=30 OUT=runs/capfilt bash examples/capfilt.sh
 set -euo pipefail
 OUT=${OUT:-runs/capfilt}
-EPOCHS=${EPOCHS:-15}
+EPOCHS=${EPOCHS:-15}  # the filter gets twice as many: its ITM head needs them
 DATA=builtin:animal-captions
 mkdir -p "$OUT"
 
-cvfm pretrain --data "$DATA" --split train --method blip-filter --epochs "$EPOCHS" -o "$OUT/filter" --overwrite
+cvfm pretrain --data "$DATA" --split train --method blip-filter --epochs $((2 * EPOCHS)) -o "$OUT/filter" --overwrite
 cvfm pretrain --data "$DATA" --split train --method blip-captioner --epochs "$EPOCHS" -o "$OUT/captioner" --overwrite
 
 # Noisy pairs: test images written to $OUT/pairs with their captions, 30% corrupted.
@@ -30,5 +30,5 @@ PY
 (cd "$OUT/pairs" && head -5 pairs.jsonl | cvfm caption ../captioner --data - --prompt "a picture of" -o -)
 rm -f "$OUT/filtered.jsonl" "$OUT/filtered.rejects.jsonl" "$OUT/filtered.capfilt.json"
 (cd "$OUT/pairs" && cvfm capfilt --in pairs.jsonl --out ../filtered.jsonl \
-  --captioner ../captioner --matcher ../filter --num-captions 3)
+  --captioner ../captioner --matcher ../filter --num-captions 3 --threshold 0.3)
 head -2 "$OUT/filtered.jsonl"
