@@ -8,11 +8,11 @@ import json
 import math
 import os
 import signal
-import sys
 
 import numpy as np
 import pytest
 import torch
+from clitools import one_json_line
 from conftest import TOY_COLOURS, write_colour_pairs
 from PIL import Image
 from safetensors.torch import load_file
@@ -291,34 +291,11 @@ def test_clip_refusals_are_usage_errors_before_anything_is_written(
     assert not (out / "run.json").exists()
 
 
-def test_cli_pretrain_clip_defaults_to_the_tiny_clip(tmp_path, toy_pairs, capsys, monkeypatch):
-    from cvfm.cli import app as app_module
-
-    app_module._register()
-    monkeypatch.setenv("TQDM_DISABLE", "1")
-    previous = signal.getsignal(signal.SIGTERM)
+def test_cli_pretrain_clip_defaults_to_the_tiny_clip(tmp_path, toy_pairs, cli):
     out = tmp_path / "run"
-    args = [
-        "pretrain",
-        "--data",
-        toy_pairs,
-        "--method",
-        "clip",
-        "-b",
-        "16",
-        "--epochs",
-        "1",
-        "--num-workers",
-        "0",
-    ]
-    monkeypatch.setattr(sys, "argv", ["cvfm", *map(str, args), "-o", str(out)])
-    try:
-        app_module.main()
-    except SystemExit as e:
-        assert not e.code, capsys.readouterr().err
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    assert json.loads(capsys.readouterr().out) == {"run": str(out), "backbone": str(out / "backbone")}
+    args = ["pretrain", "--data", toy_pairs, "--method", "clip", "-b", "16", "--epochs", "1"]
+    record = one_json_line(cli(*args, "--num-workers", "0", "-o", out))
+    assert record == {"run": str(out), "backbone": str(out / "backbone")}
     config = json.loads((out / "run.json").read_text())["config"]
     assert config["model"] == "cvfm/tiny-clip" and config["text_column"] == "text"
     assert json.loads((out / "backbone" / "config.json").read_text())["model_type"] == "clip"

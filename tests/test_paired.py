@@ -9,10 +9,10 @@ import json
 import math
 import os
 import signal
-import sys
 
 import pytest
 import torch
+from clitools import one_json_line
 from conftest import write_colour_pairs
 from safetensors.torch import load_file, save_file
 
@@ -234,22 +234,11 @@ def test_refusals_are_usage_errors_before_anything_is_written(tmp_path, toy_pair
     assert not out.exists() or not (out / "run.json").exists()
 
 
-def test_cli_text_model(tmp_path, toy_pairs, capsys, monkeypatch):
-    from cvfm.cli import app as app_module
-
-    app_module._register()
-    monkeypatch.setenv("TQDM_DISABLE", "1")
-    previous = signal.getsignal(signal.SIGTERM)
+def test_cli_text_model(tmp_path, toy_pairs, cli):
     out = tmp_path / "run"
     args = ["pretrain", "--data", toy_pairs, "--method", "clip", "--model", "cvfm/tiny-resnet"]
     args += ["--text-model", "cvfm/tiny-clip", "-b", "16", "--epochs", "1", "--num-workers", "0"]
-    monkeypatch.setattr(sys, "argv", ["cvfm", *map(str, args), "-o", str(out)])
-    try:
-        app_module.main()
-    except SystemExit as e:
-        assert not e.code, capsys.readouterr().err
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    assert json.loads(capsys.readouterr().out) == {"run": str(out), "backbone": str(out / "backbone")}
+    record = one_json_line(cli(*args, "-o", out))
+    assert record == {"run": str(out), "backbone": str(out / "backbone")}
     assert json.loads((out / "run.json").read_text())["config"]["text_model"] == "cvfm/tiny-clip"
     assert (out / "backbone" / "paired.json").is_file()

@@ -15,7 +15,7 @@ import hashlib
 import torch
 import torch.nn.functional as F
 
-from cvfm.models.blip import Captioner, Matcher
+from cvfm.models.blip import Captioner, Matcher, strip_prompt
 
 
 def row_seed(seed: int, key: str, index: int) -> int:
@@ -58,12 +58,6 @@ def _generator(device: torch.device, seed: int) -> torch.Generator:
     return g
 
 
-def strip_prompt(text: str, prompt: str) -> str:
-    """The caption without its prompt (as `Captioner.generate` and LAVIS return it)."""
-    p = prompt.strip().lower()
-    return (text[len(p) :] if p and text.lower().startswith(p) else text).strip()
-
-
 @torch.no_grad()
 def sample_captions(
     captioner: Captioner,
@@ -84,13 +78,7 @@ def sample_captions(
     if num_captions < 1:
         return [[] for _ in keys]
     gens = [_generator(pixels.device, row_seed(seed, key, k)) for key in keys for k in range(num_captions)]
-    kwargs: dict = {}
-    if prompt:
-        enc = captioner.tokenizer([prompt] * len(keys), return_tensors="pt")
-        kwargs = {
-            "input_ids": enc["input_ids"].to(pixels.device),
-            "attention_mask": enc["attention_mask"].to(pixels.device),
-        }
+    kwargs = captioner.prompt_inputs(prompt, len(keys), pixels.device)
     ids = captioner.model.generate(
         pixel_values=pixels,
         **kwargs,
@@ -106,7 +94,7 @@ def sample_captions(
         logits_processor=[RowNucleusSampler(gens, top_p)],
     )
     texts = captioner.tokenizer.batch_decode(ids, skip_special_tokens=True)
-    texts = [strip_prompt(t, prompt or "") for t in texts]
+    texts = [strip_prompt(t, prompt) for t in texts]
     return [texts[i * num_captions : (i + 1) * num_captions] for i in range(len(keys))]
 
 

@@ -38,9 +38,10 @@ class Captioner(nn.Module):
         self.model, self.tokenizer, self.name, self.preprocess = model, tokenizer, name, preprocess
         self.max_length = max_length
 
-    def _prompt_ids(self, prompt: str | None, batch: int, device) -> dict | None:
+    def prompt_inputs(self, prompt: str | None, batch: int, device) -> dict:
+        """The prompt's `input_ids` / `attention_mask` for `batch` images (empty without a prompt)."""
         if not prompt:
-            return None
+            return {}
         enc = self.tokenizer([prompt] * batch, return_tensors="pt")
         return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
 
@@ -67,12 +68,10 @@ class Captioner(nn.Module):
             if num_captions > num_beams:
                 raise ValueError(f"beam search returns at most num_beams={num_beams} captions")
             kwargs.update(num_beams=num_beams, num_return_sequences=num_captions)
-        prompt_inputs = self._prompt_ids(prompt, pixels.shape[0], pixels.device) or {}
+        prompt_inputs = self.prompt_inputs(prompt, pixels.shape[0], pixels.device)
         ids = self.model.generate(pixel_values=pixels, **prompt_inputs, **kwargs)
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
-        if prompt:
-            texts = [_strip_prompt(t, prompt) for t in texts]
-        texts = [t.strip() for t in texts]
+        texts = [strip_prompt(t, prompt) for t in texts]
         return [texts[i * num_captions : (i + 1) * num_captions] for i in range(pixels.shape[0])]
 
     def loss(self, pixels: torch.Tensor, texts: list[str], prompt: str | None = None) -> torch.Tensor:
@@ -96,9 +95,10 @@ class Captioner(nn.Module):
         return _save(self.model, self.tokenizer, self.preprocess, folder)
 
 
-def _strip_prompt(text: str, prompt: str) -> str:
-    p = prompt.strip().lower()
-    return text[len(p) :] if text.lower().startswith(p) else text
+def strip_prompt(text: str, prompt: str | None) -> str:
+    """The caption without its prompt, as LAVIS returns it."""
+    p = (prompt or "").strip().lower()
+    return (text[len(p) :] if p and text.lower().startswith(p) else text).strip()
 
 
 class Matcher(nn.Module):
