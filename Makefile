@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo clip-demo test test-all lint bench bench-embed clean
+.PHONY: setup demo clip-demo test test-all lint bench bench-embed bench-unlearn clean
 
 setup: $(VENV)/.installed
 
@@ -38,6 +38,9 @@ bench: setup
 
 bench-embed: setup
 	$(BIN)/python benchmarks/embed.py
+
+bench-unlearn: setup
+	$(BIN)/python benchmarks/unlearn.py
 
 clean:
 	rm -rf $(VENV) runs

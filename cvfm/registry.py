@@ -11,6 +11,10 @@ Ids name their source:
                     a transformers `save_pretrained` folder (config.json with "model_type"),
                     an open_clip folder (open_clip_config.json) or a paired encoder (paired.json)
 
+Classifiers (`create_classifier`: a backbone and a class head, as `cvfm finetune` and `cvfm unlearn` write
+them) are folders with classifier.json, or run folders holding one in classifier/; `create_encoder` on
+them returns the classifier's backbone.
+
 Image-text models (`create_dual_encoder`) are `cvfm/tiny-clip`, `hf/<clip-like repo>`, `open_clip/...`
 and folders that hold one, among them a `PairedEncoder` (any image encoder + a dual's text half, as
 `pretrain --method clip --text-model` writes it); `create_encoder` on them returns their image tower.
@@ -28,6 +32,7 @@ from pathlib import Path
 from cvfm.data.views import Preprocess
 from cvfm.errors import CvfmError, UsageError
 from cvfm.models.blip import Captioner, Matcher
+from cvfm.models.classifier import Classifier, is_classifier_folder, load_classifier
 from cvfm.models.dual import DualEncoder, HFDualEncoder, is_dual_model
 from cvfm.models.encoder import Encoder, HFEncoder, TimmEncoder, check_loading_info, read_preprocess
 from cvfm.models.openclip import CONFIG_FILE as OPEN_CLIP_CONFIG
@@ -240,6 +245,21 @@ def create_dual_encoder(
     )
 
 
+def create_classifier(model_id: str) -> Classifier:
+    """The classifier in folder `model_id` (classifier.json), or in its classifier/ sub-folder (a
+    `cvfm finetune` run or a `cvfm unlearn` output)."""
+    path = Path(model_id)
+    if is_classifier_folder(path):
+        return load_classifier(path)
+    if is_classifier_folder(path / "classifier"):
+        return load_classifier(path / "classifier")
+    what = "folder" if path.is_dir() else "not a folder" if path.exists() else "does not exist"
+    raise UsageError(
+        f"'{model_id}' is not a classifier ({what}): expected a folder with classifier.json or a run "
+        "folder with classifier/ (written by cvfm finetune or cvfm unlearn)"
+    )
+
+
 TINY_BLIP = "cvfm/tiny-blip"
 
 
@@ -397,8 +417,10 @@ def _hf_preprocess(repo: str, model, trust_remote_code: bool) -> Preprocess:
 
 def _local(path: Path, name: str, pretrained: bool, trust_remote_code: bool) -> Encoder:
     """A folder's architecture, with its weights unless `pretrained=False` (a random-init baseline)."""
-    if (path / "backbone").is_dir():  # a cvfm run folder
+    if (path / "backbone").is_dir():  # a cvfm run folder, or a classifier (classifier.json + backbone/)
         return _local(path / "backbone", name, pretrained, trust_remote_code)
+    if is_classifier_folder(path / "classifier"):  # a finetune run or an unlearn output: its backbone
+        return _local(path / "classifier" / "backbone", name, pretrained, trust_remote_code)
     if is_paired_folder(path):  # the image encoder and its projection: pooled = the image embedding
         return PairedEncoder.load(
             path, name, pretrained=pretrained, trust_remote_code=trust_remote_code
@@ -410,7 +432,7 @@ def _local(path: Path, name: str, pretrained: bool, trust_remote_code: bool) -> 
             return _open_clip_folder(path, name, pretrained).image_encoder()
         raise UsageError(
             f"folder '{path}' holds no model (no config.json, no {OPEN_CLIP_CONFIG}, no paired.json, "
-            "no backbone/ sub-folder)"
+            "no backbone/ or classifier/ sub-folder)"
         )
     config = json.loads(config_file.read_text())
     if "architecture" in config:  # timm's own export layout

@@ -14,7 +14,8 @@ from cvfm.errors import CvfmError
 
 app = typer.Typer(
     name="cvfm",
-    help="Computer-vision foundation models from the command line: pre-train, embed, caption, evaluate.",
+    help="Computer-vision foundation models from the command line: pre-train, fine-tune, embed, caption, "
+    "evaluate.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
@@ -56,9 +57,9 @@ def _register() -> None:
     global _registered
     if _registered:
         return
-    from cvfm.cli import capfilt, caption, embed, evaluate, models, pretrain
+    from cvfm.cli import capfilt, caption, embed, evaluate, finetune, models, pretrain, unlearn
 
-    for module in (models, pretrain, embed, caption, capfilt):
+    for module in (models, pretrain, finetune, embed, caption, capfilt, unlearn):
         module.register(app)
     app.add_typer(evaluate.app, name="evaluate")
     _registered = True

@@ -21,6 +21,30 @@ TrustRemoteCode = typer.Option(
     False, "--trust-remote-code", help="Allow transformers to run a hub repo's code."
 )
 
+Forget = typer.Option(
+    None,
+    "--forget",
+    help="File of ids to forget: one per line, or .jsonl with an 'id' per line ('-': stdin).",
+)
+ForgetClass = typer.Option(
+    None, "--forget-class", help="Forget every training item of this class (name or index); repeatable."
+)
+ForgetWhere = typer.Option(
+    None,
+    "--forget-where",
+    help="Forget the items where FIELD=V1,V2 or FIELD!=V (label, id or a .jsonl / hf: field; wildcards); "
+    "repeatable, all must hold.",
+)
+
+
+def forget_request(forget: str | None, classes, where, request_id: str | None = None):
+    """The ForgetRequest of the --forget / --forget-class / --forget-where options."""
+    from cvfm.unlearn.request import ForgetRequest
+
+    return ForgetRequest(
+        ids_file=forget, classes=tuple(classes or ()), where=tuple(where or ()), request_id=request_id
+    )
+
 
 def parse_options(pairs: list[str]) -> dict[str, str]:
     """`--opt key=value` pairs into a dict."""

@@ -1,5 +1,5 @@
-"""`cvfm evaluate knn|linear|zeroshot|retrieval`: frozen-feature probes and image-text evaluations;
-one JSON line per result."""
+"""`cvfm evaluate knn|linear|zeroshot|retrieval|unlearning`: frozen-feature probes, image-text
+evaluations and the unlearning audit; one JSON line per result."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import typer
 from cvfm.cli import common
 
 app = typer.Typer(
-    help="Evaluate a frozen encoder: k-NN and linear probes, zero-shot classification, image-text retrieval.",
+    help="Evaluate a frozen encoder (k-NN and linear probes, zero-shot classification, image-text "
+    "retrieval) or audit an unlearned classifier.",
     no_args_is_help=True,
 )
 
@@ -197,3 +198,70 @@ def retrieval(
       cvfm evaluate retrieval hf/openai/clip-vit-base-patch32 --data pairs.jsonl --text-column text --split ''
     """
     _run_vl("retrieval", **locals())
+
+
+@app.command("unlearning")
+def unlearning(
+    model: str = typer.Argument(
+        ...,
+        help="Classifier to audit: a `cvfm unlearn` output, a `cvfm finetune` run or a classifier folder.",
+    ),
+    data: str = common.Data,
+    split: str = typer.Option("train", "--split", help="Training split: cut into retain and forget."),
+    test_split: str = typer.Option(
+        "test", "--test-split", help="Split of unseen data (test accuracy, attacks)."
+    ),
+    forget: str = common.Forget,
+    forget_class: list[str] = common.ForgetClass,
+    forget_where: list[str] = common.ForgetWhere,
+    original: str = typer.Option(
+        None, "--original", help="The model before unlearning (default: the one its unlearn.json names)."
+    ),
+    reference: str = typer.Option(
+        None, "--reference", help="A model retrained without the forget set: report the gap to it per metric."
+    ),
+    plot: str = typer.Option(None, "--plot", help="Write a PNG of the per-set loss distributions here."),
+    max_samples: int = typer.Option(
+        None, "--max-samples", min=1, help="Score a seeded random subset of retain of at most this size."
+    ),
+    batch_size: int = typer.Option(256, "--batch-size", "-b", min=1),
+    num_workers: int = common.Workers,
+    seed: int = typer.Option(0, "--seed", help="Seeds the attack's member subset and --max-samples."),
+    image_column: str = common.ImageColumn,
+    label_column: str = common.LabelColumn,
+    strict: bool = common.Strict,
+    output: str = Output,
+) -> None:
+    """Audit unlearning: UA (1 - forget accuracy), RA, TA, MIA-efficacy (an SVM on true-label confidence,
+    retain = members, test = non-members; share of forget called non-member), the loss-threshold attack
+    AUC, the gap to a retrained reference, and whether the guarantee is exact or empirical.
+
+    Examples:
+
+      cvfm evaluate unlearning runs/forget-cat --data builtin:animal-mnist --forget-class cat
+
+      cvfm evaluate unlearning runs/salun --data photos.jsonl --forget erase.txt \\
+        --reference runs/retrain --plot attack.png --output audit.jsonl
+    """
+    from cvfm.cli.app import emit
+    from cvfm.unlearn.audit import evaluate_unlearning
+
+    request = common.forget_request(forget, forget_class, forget_where)
+    record = evaluate_unlearning(
+        model,
+        data=data,
+        request=request,
+        split=split or None,
+        test_split=test_split or None,
+        original=original,
+        reference=reference,
+        plot=plot,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        seed=seed,
+        max_samples=max_samples,
+        image_column=image_column,
+        label_column=label_column,
+        strict=strict,
+    )
+    emit(record, output)

@@ -17,7 +17,8 @@ def pretrain(
         "dino",
         "--method",
         "-m",
-        help="simclr, byol, dino; clip (image-text); blip-captioner, blip-filter (BLIP fine-tuning).",
+        help="simclr, byol, dino; clip (image-text); blip-captioner, blip-filter (BLIP fine-tuning); "
+        "supervised (a classifier on the labels, as cvfm finetune).",
     ),
     model: str = typer.Option(
         None,
@@ -39,7 +40,10 @@ def pretrain(
     epochs: int = typer.Option(10, "--epochs", min=1),
     batch_size: int = typer.Option(64, "--batch-size", "-b", min=2, help="Per process."),
     lr: float = typer.Option(
-        None, "--lr", help="Peak learning rate (default: method's base lr x sqrt(batch / 256))."
+        None,
+        "--lr",
+        help="Peak learning rate (default: method's base lr x sqrt(batch / 256); "
+        "supervised: 0.1 x batch / 256).",
     ),
     grad_accum: int = typer.Option(1, "--grad-accum", min=1, help="Gradient accumulation steps."),
     precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 (mixed precision)."),
@@ -56,6 +60,14 @@ def pretrain(
         "--text-column",
         help="clip, blip-*: the caption field of a .jsonl / column of an hf: dataset (default 'text'; "
         "'caption' for builtin:*-captions).",
+    ),
+    exclude: str = typer.Option(
+        None,
+        "--exclude",
+        help='A file of ids left out of training: one per line, or a .jsonl file with an "id" per line.',
+    ),
+    ledger: str = typer.Option(
+        None, "--ledger", help="A deletion ledger (cvfm unlearn): the ids it has forgotten are left out too."
     ),
     strict: bool = common.Strict,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
@@ -74,6 +86,7 @@ def pretrain(
     captioner / matcher, which `cvfm capfilt` and create_captioner / create_matcher load from the run
     folder). Prints the run folder.
     Ctrl-C or SIGTERM writes a checkpoint first; --resume continues exactly where the run stopped.
+    --exclude / --ledger leave ids out of the data (run.json records how many and their SHA-256).
 
     Examples:
 
@@ -92,6 +105,8 @@ def pretrain(
       cvfm pretrain -d pairs.jsonl -m blip-captioner --opt prompt="a photo of " -o runs/captioner
 
       accelerate launch -m cvfm pretrain --data photos/ --method byol -o runs/byol
+
+      cvfm pretrain --data photos/ --method dino --ledger deletions.jsonl -o runs/dino2
 
       cvfm pretrain -o runs/dino --resume
     """
@@ -127,12 +142,15 @@ def pretrain(
         strict=strict,
         overwrite=overwrite,
         resume=resume,
+        exclude=exclude,
+        ledger=ledger,
     )
     path = run_pretrain(cfg)
     from accelerate import PartialState
 
     if PartialState().is_main_process:  # one line, also under accelerate launch
-        emit({"run": str(path), "backbone": str(path / "backbone")})
+        exported = "classifier" if (path / "classifier").is_dir() else "backbone"  # supervised: classifier/
+        emit({"run": str(path), exported: str(path / exported)})
 
 
 def register(app: typer.Typer) -> None:

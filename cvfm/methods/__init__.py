@@ -1,5 +1,5 @@
-"""Self-supervised and image-text objectives (and BLIP's fine-tuning); each is a small module wiring views,
-heads and a loss."""
+"""Self-supervised and image-text objectives, BLIP's fine-tuning and supervised fine-tuning of a classifier;
+each is a small module wiring views, heads and a loss."""
 
 from cvfm.errors import UsageError
 from cvfm.methods.base import Budget, Method, configure
@@ -8,6 +8,7 @@ from cvfm.methods.byol import BYOL, BYOLConfig
 from cvfm.methods.clip import CLIP, CLIPConfig
 from cvfm.methods.dino import DINO, DINOConfig
 from cvfm.methods.simclr import SimCLR, SimCLRConfig
+from cvfm.methods.supervised import Supervised, SupervisedConfig
 
 METHODS: dict[str, tuple[type[Method], type]] = {
     "simclr": (SimCLR, SimCLRConfig),
@@ -16,6 +17,7 @@ METHODS: dict[str, tuple[type[Method], type]] = {
     "clip": (CLIP, CLIPConfig),
     "blip-captioner": (BLIPCaptioner, BLIPCaptionerConfig),  # BLIP fine-tuning before CapFilt
     "blip-filter": (BLIPFilter, BLIPFilterConfig),
+    "supervised": (Supervised, SupervisedConfig),  # the classifier that `cvfm finetune` trains
 }
 
 

@@ -30,16 +30,20 @@ class Budget:
 class Method(nn.Module, abc.ABC):
     """A backbone plus heads and a loss. `forward(views, step)` returns (loss, logs).
 
-    `model_kind` names what the trainer builds as `self.encoder` from `--model` and saves as backbone/:
-    "image" (an `Encoder`), "dual" (a `DualEncoder`, CLIP), "captioner" or "matcher" (BLIP's `Captioner`
-    / `Matcher`). Every kind but "image" trains on image-text pairs (`needs_text`): the trainer opens the
-    data with its text column; for "dual" it tokenizes the texts in the DataLoader and calls
-    `forward(views, step, tokens=...)`, for the BLIP faces (which tokenize themselves) it calls
-    `forward(views, step, texts=[...])` with the raw strings.
+    `model_kind` names what the trainer builds as `self.encoder` from `--model` and saves as the run's
+    `export_dir`: "image" (an `Encoder`), "dual" (a `DualEncoder`, CLIP), "captioner" or "matcher" (BLIP's
+    `Captioner` / `Matcher`), "classifier" (a `Classifier`: the encoder and a linear head over the data's
+    classes, saved as classifier/). "dual", "captioner" and "matcher" train on image-text pairs
+    (`needs_text`): the trainer opens the data with its text column; for "dual" it tokenizes the texts in
+    the DataLoader and calls `forward(views, step, tokens=...)`, for the BLIP faces (which tokenize
+    themselves) it calls `forward(views, step, texts=[...])` with the raw strings. A method with
+    `needs_labels` gets `forward(views, step, labels=...)` and refuses unlabelled data.
     """
 
     model_kind: str = "image"
     default_model: str = "cvfm/tiny-resnet"  # the registry id used when --model is left out
+    export_dir: str = "backbone"  # the run's sub-folder the trained model is saved to
+    needs_labels: bool = False
 
     # AdamW learning rate at batch size 256, scaled by sqrt(batch / 256): the square-root rule suits Adam
     # (Malladi et al. 2022); linear scaling starves the small batches of CPU runs.
@@ -50,8 +54,8 @@ class Method(nn.Module, abc.ABC):
 
     @classmethod
     def needs_text(cls) -> bool:
-        """Every kind but "image" trains on image-text pairs."""
-        return cls.model_kind != "image"
+        """The dual encoder and BLIP's faces train on image-text pairs."""
+        return cls.model_kind in ("dual", "captioner", "matcher")
 
     def __init__(self, encoder: Encoder | DualEncoder, cfg, budget: Budget):
         super().__init__()
@@ -71,6 +75,16 @@ class Method(nn.Module, abc.ABC):
 
     def after_optimizer_step(self, step: int) -> None:
         """Hook after the update (EMA targets move here)."""
+
+    def peak_lr(self, batch_size: int) -> float:
+        """The learning rate when --lr is left out: `base_lr` x sqrt(global batch / 256)."""
+        return self.base_lr * math.sqrt(batch_size / 256)
+
+    def make_optimizer(self, lr: float) -> torch.optim.Optimizer:
+        """AdamW over `param_groups()`; the trainer sets each step's lr and weight decay."""
+        return torch.optim.AdamW(
+            self.param_groups(), lr=lr, weight_decay=self.weight_decay[0], betas=self.adam_betas
+        )
 
     def param_groups(self) -> list[dict]:
         """Trainable parameters; biases and norm weights get no weight decay (as in DINO and timm)."""

@@ -13,6 +13,12 @@ BLIP's fine-tuning methods (`blip-captioner`, `blip-filter`) train a `Captioner`
 `--model` with its weights (they fine-tune), get the batch's raw texts (`texts=`: the BLIP faces
 tokenize themselves) and save the fine-tuned face as backbone/ (`create_captioner` / `create_matcher`
 load the run folder).
+Supervised fine-tuning (`supervised`, what `cvfm finetune` runs) trains a `Classifier` built from `--model`
+and a linear head over the training data's classes, on its labels (`labels=`), with the method's own
+optimizer (SGD); it is saved as the run's classifier/.
+
+`exclude` / `ledger` leave ids out of the training data (`cvfm.data.exclude`); run.json records how many
+and a hash of them, and a resumed run refuses to go on if that set has changed.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from torch.utils.data import DataLoader
 
 import cvfm
+from cvfm.data.exclude import exclude_from
 from cvfm.data.loader import ImageDataset, SkipLog, collate
 from cvfm.data.sources import ImageSource, open_source
 from cvfm.errors import CvfmError, UsageError
@@ -42,6 +49,7 @@ from cvfm.eval.features import extract_features
 from cvfm.eval.knn import knn_evaluate
 from cvfm.eval.zeroshot import build_zeroshot_classifier, zeroshot_logits
 from cvfm.methods import Budget, build_method, method_class
+from cvfm.models.classifier import Classifier, LinearHead, class_names, labelled_classes
 from cvfm.models.dual import DualEncoder, ImageTower
 from cvfm.models.paired import PairedEncoder
 from cvfm.registry import create_captioner, create_dual_encoder, create_encoder, create_matcher
@@ -116,6 +124,8 @@ class PretrainConfig:
     overwrite: bool = False
     resume: bool = False
     options: dict = field(default_factory=dict)  # method options (--opt key=value)
+    exclude: str | None = None  # a file of ids (one per line, or a .jsonl "id" per line) left out
+    ledger: str | None = None  # a deletion ledger (cvfm unlearn): the ids it has forgotten are left out
 
 
 def versions() -> dict:
@@ -155,18 +165,21 @@ def _make_accelerator(cfg: PretrainConfig, run: RunDir) -> Accelerator:
     )
 
 
-def pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None = None) -> Path:
+def pretrain(
+    cfg: PretrainConfig, on_step: Callable[[int], None] | None = None, *, record: dict | None = None
+) -> Path:
     """Pre-train `cfg.model` on `cfg.data` with `cfg.method`; returns the run folder.
 
     `on_step(step)` is called after each optimizer step. The first Ctrl-C / SIGTERM stops the run after
     the current step and saves a checkpoint (raising `Interrupted`); `resume=True` continues from it.
+    `record` adds fields to run.json (`cvfm finetune` stores its own config there).
     """
     if cfg.resume:
         saved = RunDir(cfg.output, resume=True).read()["config"]
         cfg = PretrainConfig(
             **{**saved, "log": tuple(saved["log"]), "resume": True, "num_workers": cfg.num_workers}
         )
-    return _Trainer(cfg).fit(on_step)
+    return _Trainer(cfg, record).fit(on_step)
 
 
 def resolve_defaults(cfg: PretrainConfig) -> PretrainConfig:
@@ -199,12 +212,18 @@ def default_text_column(data: str) -> str:
     return "caption" if data.removeprefix("builtin:") in CAPTIONED else "text"
 
 
-def _build_model(cfg: PretrainConfig, kind: str):
+def _build_model(cfg: PretrainConfig, kind: str, classes: list[str] | None = None):
     """The image encoder; for a text method the dual encoder `--model`, or the `--model` image encoder
     paired with the text half of `--text-model`; for BLIP fine-tuning the `--model` captioner or matcher
-    with its weights (the registry's pretrained ones, a folder's or a run's; cvfm/tiny-blip has none)."""
+    with its weights (the registry's pretrained ones, a folder's or a run's; cvfm/tiny-blip has none);
+    for a classifier the `--model` encoder and a linear head over `classes` (initialised from the
+    seeded global RNG, like the encoder)."""
     if kind == "image":
         return create_encoder(cfg.model, pretrained=cfg.pretrained)
+    if kind == "classifier":
+        encoder = create_encoder(cfg.model, pretrained=cfg.pretrained)
+        head = LinearHead(encoder.num_features, len(classes))
+        return Classifier(encoder, head, classes, frozen=False, backbone=cfg.model)
     if kind in ("captioner", "matcher"):
         create = create_captioner if kind == "captioner" else create_matcher
         try:
@@ -274,14 +293,16 @@ def _no_texts(cfg: PretrainConfig, column: str) -> str:
 
 
 class _Trainer:
-    def __init__(self, cfg: PretrainConfig):
+    def __init__(self, cfg: PretrainConfig, record: dict | None = None):
         self.cfg = cfg = resolve_defaults(cfg)
         run = RunDir(cfg.output, overwrite=cfg.overwrite, resume=cfg.resume)  # refuse early, create later
-        kind = method_class(cfg.method).model_kind
-        needs_text = method_class(cfg.method).needs_text()
+        cls = method_class(cfg.method)
+        kind = cls.model_kind
+        source = _open_training_source(cfg, cls.needs_text())
+        classes = labelled_classes(source, cfg.data) if cls.needs_labels else None
+        source, excluded = _exclude(cfg, source, run)
         torch.manual_seed(cfg.seed)  # the same initial weights on every process and every resume
-        encoder = _build_model(cfg, kind)
-        source = _open_training_source(cfg, needs_text)
+        encoder = _build_model(cfg, kind, classes)
         self.run, self.accelerator = run, _make_accelerator(cfg, run)
         if self.accelerator.device.type == "cpu":
             share_cores_with_workers(cfg.num_workers)
@@ -300,13 +321,11 @@ class _Trainer:
         if world > 1 and self.accelerator.device.type == "cuda":  # SyncBatchNorm needs CUDA
             method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
         run.create()  # only now that the request is known to be valid
-        lr = cfg.lr or method.base_lr * math.sqrt(budget.batch_size / 256)
+        lr = cfg.lr or method.peak_lr(budget.batch_size)
         warmup = min(int(cfg.warmup_epochs * self.steps_per_epoch), int(0.1 * self.total_steps))
         self.lrs = cosine(lr, cfg.min_lr, self.total_steps, warmup_steps=warmup)
         self.wds = cosine(*method.weight_decay, self.total_steps)
-        optimizer = torch.optim.AdamW(
-            method.param_groups(), lr=lr, weight_decay=method.weight_decay[0], betas=method.adam_betas
-        )
+        optimizer = method.make_optimizer(lr)
         self.dataset = ImageDataset(source, method.views(), seed=cfg.seed)
         loader = DataLoader(
             self.dataset,
@@ -336,7 +355,9 @@ class _Trainer:
             },
             "versions": versions(),
             "seed": cfg.seed,
-            "data": {"name": source.name, "images": len(source), "classes": source.classes},
+            "data": {"name": source.name, "images": len(source), "classes": classes or source.classes},
+            "excluded": excluded,
+            **(record or {}),
         }
 
     @property
@@ -350,7 +371,7 @@ class _Trainer:
         if self.is_main:
             run.update(**self.resolved, status="running")
         acc.init_trackers("cvfm")
-        self.monitor = _Monitor(cfg, self.core.model_kind == "dual") if cfg.monitor and self.is_main else None
+        self.monitor = _Monitor(cfg, self.core) if cfg.monitor and self.is_main else None
         if self.monitor and self.step == 0:
             acc.log(self.monitor(self.core.encoder, acc.device), step=0)
         t0 = time.perf_counter()
@@ -368,7 +389,7 @@ class _Trainer:
                 raise
         acc.wait_for_everyone()
         if self.is_main:
-            _save_atomically(self.core.encoder, run.backbone)
+            save_atomically(self.core.encoder, run.path / self.core.export_dir)
         self._finish("finished", t0)
         return run.path
 
@@ -427,6 +448,8 @@ class _Trainer:
                 loss, logs = self.method(batch["image"], step, tokens=batch["tokens"])
             elif core.needs_text():
                 loss, logs = self.method(batch["image"], step, texts=batch["text"])
+            elif core.needs_labels:
+                loss, logs = self.method(batch["image"], step, labels=batch["label"])
             else:
                 loss, logs = self.method(batch["image"], step)
             acc.backward(loss)
@@ -491,11 +514,32 @@ class _Trainer:
         self.accelerator.end_training()
 
 
-def _save_atomically(encoder, folder: Path) -> None:
-    """Write the encoder next to `folder`, then swap it in: a kill never leaves half a backbone."""
+def _exclude(cfg: PretrainConfig, source: ImageSource, run: RunDir) -> tuple[ImageSource, dict | None]:
+    """The training source without the ids of `cfg.exclude` and `cfg.ledger`, and run.json's record of
+    them; a resumed run must leave out exactly what it left out before."""
+    if not (cfg.exclude or cfg.ledger):
+        return source, None
+    source, record = exclude_from(source, cfg.exclude, cfg.ledger)
+    if cfg.resume:
+        before = (run.read().get("excluded") or {}).get("sha256")
+        if before is not None and before != record["sha256"]:
+            raise UsageError(
+                f"cannot resume '{run.path}': the ids left out (--exclude / --ledger) changed since it "
+                f"started ({record['count']} now); start a new run instead"
+            )
+    sources = " and ".join(
+        f"{k} '{v}'" for k, v in (("--exclude", cfg.exclude), ("--ledger", cfg.ledger)) if v
+    )
+    log(f"left out {record['count']} training image(s) ({sources}: {record['requested']} id(s))")
+    return source, record
+
+
+def save_atomically(model, folder: Path) -> None:
+    """Write `model` (anything with `save(folder)`) next to `folder`, then swap it in: a kill never leaves
+    half a backbone or classifier."""
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    encoder.save(tmp)
+    model.save(tmp)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
 
@@ -507,8 +551,10 @@ def _summary(epoch: int, epochs: int, logs: dict) -> None:
         "epoch/teacher_entropy",
         "epoch/logit_scale",
         "epoch/itm_accuracy",
+        "epoch/accuracy",
         "monitor/knn_top1@20",
         "monitor/zeroshot_top1",
+        "monitor/top1",
         "images_per_s",
     )
     parts = [f"{k.split('/')[-1]}={logs[k]:.4g}" for k in keys if isinstance(logs.get(k), float)]
@@ -518,32 +564,46 @@ def _summary(epoch: int, epochs: int, logs: dict) -> None:
 class _Monitor:
     """Online evaluation on a labelled source, once before training and after each epoch.
 
-    A dual encoder on data with prompt templates (the captioned built-ins) gets zero-shot top-1 on the
-    test split: the quantity CLIP training is for, and it needs no bank. Otherwise k-NN top-1@20 on the
-    (image tower's) features: a fixed random subset of the train split as the bank, the test split as
-    queries.
+    A classifier gets its own top-1 on the test split (classes matched by name). A dual encoder on data
+    with prompt templates (the captioned built-ins) gets zero-shot top-1 on the test split: the quantity
+    CLIP training is for, and it needs no bank. Otherwise k-NN top-1@20 on the (image tower's) features: a
+    fixed random subset of the train split as the bank, the test split as queries.
     """
 
-    def __init__(self, cfg: PretrainConfig, dual: bool):
+    def __init__(self, cfg: PretrainConfig, core):
         from cvfm.data.sources import subset
 
         rng = np.random.default_rng(cfg.seed)
         queries = open_source(cfg.monitor, split="test")
-        self.zero_shot = dual and queries.templates is not None and bool(queries.classes)
-        bank = None if self.zero_shot else open_source(cfg.monitor, split="train")
+        self.classifier = core.model_kind == "classifier"
+        self.zero_shot = core.model_kind == "dual" and queries.templates is not None and bool(queries.classes)
+        bank = None if self.zero_shot or self.classifier else open_source(cfg.monitor, split="train")
         if not queries.has_labels or (bank is not None and not bank.has_labels):
             raise UsageError(f"--monitor '{cfg.monitor}' needs labels on its train and test splits")
         if bank is not None:
             self.bank = subset(bank, np.sort(rng.permutation(len(bank))[: cfg.monitor_size]))
         self.queries = subset(queries, np.sort(rng.permutation(len(queries))[: cfg.monitor_size // 2]))
+        if self.classifier:
+            self.to_model = _class_index(class_names(self.queries), core.encoder.classes, cfg.monitor)
 
     def __call__(self, model, device) -> dict:
+        if self.classifier:  # extract_features gives the classifier's output: its logits
+            logits, labels, _ = extract_features(model, self.queries, device=device, desc="monitor top-1")
+            return {"monitor/top1": float((logits.argmax(1) == self.to_model[labels]).mean())}
         if self.zero_shot:
             return {"monitor/zeroshot_top1": _zero_shot_top1(model, self.queries, device)}
         encoder = model.image_encoder() if isinstance(model, DualEncoder) else model
         xb, yb, _ = extract_features(encoder, self.bank, device=device, desc="monitor bank")
         xq, yq, _ = extract_features(encoder, self.queries, device=device, desc="monitor queries")
         return {f"monitor/{k}": v for k, v in knn_evaluate(xb, yb, xq, yq, ks=(20,)).items() if "top1" in k}
+
+
+def _class_index(names: list[str], classes: list[str], data: str) -> np.ndarray:
+    """Label index in `names` -> index in a classifier's `classes`, matched by name."""
+    missing = sorted(set(names) - set(classes))
+    if missing:
+        raise UsageError(f"--monitor '{data}' has classes the classifier lacks: {', '.join(missing[:5])}")
+    return np.array([classes.index(n) for n in names], dtype=np.int64)
 
 
 def _zero_shot_top1(dual: DualEncoder, source: ImageSource, device) -> float:
