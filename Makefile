@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo clip-demo test test-all lint bench bench-embed bench-unlearn clean
+.PHONY: setup demo clip-demo unlearn-demo test test-all lint bench bench-embed bench-unlearn clean
 
 setup: $(VENV)/.installed
 
@@ -21,6 +21,9 @@ demo: setup
 
 clip-demo: setup
 	PATH=$(abspath $(BIN)):$$PATH bash examples/clip_demo.sh
+
+unlearn-demo: setup
+	PATH=$(abspath $(BIN)):$$PATH bash examples/unlearn.sh
 
 test: setup
 	$(BIN)/python -m pytest -q

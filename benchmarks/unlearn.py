@@ -12,6 +12,8 @@ more than 10% of its time; class forgetting UA >= 99% with RA down by no more th
 
     python benchmarks/unlearn.py                  # 3 seeds, ~40 minutes on 2 CPU cores
     python benchmarks/unlearn.py --quick          # one seed, short training: a smoke run
+    python benchmarks/unlearn.py --reuse --methods salun --opt salun:lr=0.1   # other settings, same originals
+    python benchmarks/unlearn.py --summarise runs/bench-unlearn/results.jsonl
 """
 
 from __future__ import annotations
@@ -75,18 +77,38 @@ def requests(args, seed: int, folder: Path) -> dict:
 def run_one(model: Path, request, method: str, out: Path, args, seed: int) -> dict:
     from cvfm.unlearn.run import UnlearnConfig, unlearn
 
-    record = unlearn(
+    return unlearn(
         UnlearnConfig(
             model=str(model),
             output=str(out),
             request=request,
             method=method,
+            options=method_options(args.opt, method),
             seed=seed,
             num_workers=args.workers,
             overwrite=True,
         )
     )
-    return record
+
+
+def reuse(folder: Path) -> dict | None:
+    """The record of an earlier audited run in `folder` (its unlearn.json), if there is one."""
+    path = folder / "unlearn.json"
+    record = json.loads(path.read_text()) if path.is_file() else None
+    return record if record and "audit" in record else None
+
+
+def method_options(pairs: list[str], method: str) -> dict[str, str]:
+    """`--opt salun:lr=0.1` style overrides that apply to `method`."""
+    out = {}
+    for pair in pairs:
+        name, _, option = pair.partition(":")
+        key, sep, value = option.partition("=")
+        if not sep:
+            raise SystemExit(f"--opt expects METHOD:KEY=VALUE, got '{pair}'")
+        if name == method:
+            out[key] = value
+    return out
 
 
 def with_baseline(rows: list[dict]) -> list[dict]:
@@ -188,9 +210,18 @@ def main() -> None:
     p.add_argument("--fraction", type=float, default=0.1, help="share forgotten by the random request")
     p.add_argument("--forget-class", default="cat")
     p.add_argument("--methods", nargs="+", default=list(APPROXIMATE))
+    p.add_argument(
+        "--opt",
+        nargs="*",
+        default=[],
+        help="method options, e.g. salun:lr=0.1 salun:epochs=3 (default: published)",
+    )
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", default="runs/bench-unlearn")
-    p.add_argument("--reuse", action="store_true", help="reuse trained originals found in --out")
+    p.add_argument(
+        "--reuse", action="store_true", help="reuse the originals and retrained references found in --out"
+    )
+    p.add_argument("--results", help="results file (default: <out>/results.jsonl)")
     p.add_argument("--quick", action="store_true", help="one seed, 4 epochs: a smoke run")
     p.add_argument("--summarise", metavar="RESULTS", help="print the table of an earlier results.jsonl")
     args = p.parse_args()
@@ -205,7 +236,7 @@ def main() -> None:
     from cvfm.unlearn.audit import gaps
 
     rows = []
-    results = root / "results.jsonl"
+    results = Path(args.results) if args.results else root / "results.jsonl"
     results.write_text("")
     for seed in args.seeds:
         folder = root / f"seed{seed}"
@@ -213,7 +244,10 @@ def main() -> None:
         original = train_original(args, seed, folder / "original")
         for name, request in requests(args, seed, folder).items():
             tag = name.replace(":", "-")
-            reference = run_one(original, request, "retrain", folder / f"{tag}-retrain", args, seed)
+            reference = reuse(folder / f"{tag}-retrain") if args.reuse else None
+            reference = reference or run_one(
+                original, request, "retrain", folder / f"{tag}-retrain", args, seed
+            )
             for method in ("retrain", *args.methods):
                 rec = reference if method == "retrain" else None
                 if rec is None:

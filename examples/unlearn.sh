@@ -26,7 +26,7 @@ cvfm unlearn --model "$OUT/clf" --forget "$OUT/erase.txt" --ledger "$OUT/ledger.
   --request-id ticket-1 -o "$OUT/erased-again" > /dev/null
 
 echo "== 3. forget the class 'cat': SalUn (approximate) and retrain (the exact reference)" >&2
-cvfm unlearn --model "$OUT/clf" --forget-class cat --method salun -o "$OUT/no-cat-salun"
+cvfm unlearn --model "$OUT/clf" --forget-class cat --method salun --opt lr=0.04 -o "$OUT/no-cat-salun"
 cvfm unlearn --model "$OUT/clf" --forget-class cat --method retrain --no-audit -o "$OUT/no-cat-retrain"
 cvfm evaluate unlearning "$OUT/no-cat-salun" --data "$DATA" --forget-class cat \
   --reference "$OUT/no-cat-retrain" --plot "$OUT/no-cat-salun.png" --output "$OUT/audit.jsonl"

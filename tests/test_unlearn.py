@@ -178,6 +178,13 @@ def test_chained_requests_accumulate(cli, trained, digit_folder, tmp_path):
     assert second["data"]["train"] == 96  # class one is already gone from this model's training data
     forgotten = (tmp_path / "second" / "forgotten_ids.txt").read_text().split()
     assert sorted(forgotten) == sorted(_ids(digit_folder, "one") + _ids(digit_folder, "two"))
+    # the audit of the second model leaves the first request's class out of retain too
+    audit = one_json_line(
+        cli("evaluate", "unlearning", tmp_path / "second", "--data", digit_folder, "--forget-class", "two",
+            "--num-workers", "0")
+    )  # fmt: skip
+    assert audit["data"]["train"] == 96 and audit["data"]["retain"] == 64
+    assert audit["guarantee"] == "exact" and audit["forget"]["count"] == 32
 
 
 def test_ledger_listing(cli, trained, tmp_path):

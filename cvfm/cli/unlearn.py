@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import typer
 
 from cvfm.cli import common
@@ -55,7 +57,7 @@ def unlearn(
 
     Examples:
 
-      cvfm unlearn --model runs/clf --forget-class cat --method salun -o runs/clf-no-cat
+      cvfm unlearn --model runs/clf --forget-class cat --method salun --opt lr=0.04 -o runs/clf-no-cat
 
       cvfm unlearn --model runs/clf --forget erase.txt --ledger ledger.jsonl -o runs/clf-erased
 
@@ -92,7 +94,8 @@ def unlearn(
             resume=resume,
         )
     )
-    emit({k: v for k, v in record.items() if k != "forget_ids"})
+    if record:  # empty on the non-main processes of `accelerate launch`
+        emit({k: v for k, v in record.items() if k != "forget_ids"})
 
 
 @app.command("ledger")
@@ -136,7 +139,7 @@ def show_ledger(
             _percent(after, "mia_efficacy"),
             e.get("model_after", {}).get("path", "-"),
         )
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 200).print(table)  # piped: no truncated cells
 
 
 def _percent(metrics: dict, key: str) -> str:

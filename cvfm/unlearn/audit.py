@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import cvfm
-from cvfm.data.exclude import ids_sha256
+from cvfm.data.exclude import drop_ids, excluded_ids, ids_sha256
 from cvfm.data.loader import SkipLog
 from cvfm.data.sources import ImageSource, open_source, subset
 from cvfm.errors import CvfmError, UsageError
@@ -173,6 +173,7 @@ def evaluate_unlearning(
         if not src.has_labels:
             raise UsageError(f"the {name} data '{src.name}' has unlabelled images; the audit needs labels")
     test = relabel(test, train.classes, what="training data")
+    train = _without_earlier_requests(train, model_id, request)
     retain, forget = request.split(train)
     test, forget_test = request.split_test(test, train)
     sets = {"retain": retain, "forget": forget, "test": test, "forget_test": forget_test}
@@ -257,6 +258,20 @@ def evaluate_unlearning(
         "cvfm_version": cvfm.__version__,
     }
     return record
+
+
+def _without_earlier_requests(train: ImageSource, model_id: str, request: ForgetRequest) -> ImageSource:
+    """The training data without what the model was already trained without (earlier requests of a
+    chain, recorded in its run.json recipe), this request's ids excepted: they are the forget set."""
+    run_json = Path(model_id) / "run.json"
+    if not run_json.is_file():
+        return train
+    recipe = json.loads(run_json.read_text()).get("finetune") or {}
+    earlier = excluded_ids(recipe.get("exclude"), recipe.get("ledger"))
+    if not earlier:
+        return train
+    current = {train.items[i].id for i in request.forget_indices(train)}
+    return drop_ids(train, earlier - current)[0]
 
 
 def read_unlearn_record(model_id: str) -> tuple[dict | None, Path | None]:

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 
 import cvfm
 from cvfm.data.exclude import excluded_ids, ids_sha256
@@ -86,7 +87,10 @@ def training_recipe(model: str) -> FinetuneConfig:
 
 
 def unlearn(cfg: UnlearnConfig) -> dict:
-    """Carry out `cfg.request` on `cfg.model`; returns the ledger-shaped record (also in unlearn.json)."""
+    """Carry out `cfg.request` on `cfg.model`; returns the ledger-shaped record (also in unlearn.json).
+
+    Under `accelerate launch`, `retrain` trains on every process; everything else runs on the main
+    process, and the other processes return an empty record."""
     recipe = training_recipe(cfg.model)
     source, _, _ = open_training_data(recipe, quiet=True)  # without the ids it was trained without
     already = excluded_ids(recipe.exclude, recipe.ledger)
@@ -110,9 +114,14 @@ def unlearn(cfg: UnlearnConfig) -> dict:
         RunDir(out, overwrite=cfg.overwrite)
     log(f"forgetting {len(forget)} of {len(source)} training items of '{source.name}' with {method}")
     all_forgotten = sorted(already | set(forget_ids))
+    main_process = PartialState().is_main_process
+    if method != "retrain" and not main_process:
+        return {}  # under `accelerate launch` only retraining uses every process
     t0 = time.perf_counter()
     if method == "retrain":
         model, settings = _retrain(cfg, recipe, all_forgotten)
+        if not main_process:
+            return {}  # one process writes the record, audits and appends to the ledger
     elif method == "head":
         model, settings = _refit_head(original, retain, forget_ids, recipe), {"head": recipe.head}
         _write_run(out, recipe, model, cfg.overwrite)
