@@ -221,3 +221,55 @@ def test_usage_errors(cli, trained, tmp_path, digit_folder):
     )
     assert_usage_error(cli("unlearn", "--forget-class", "one", "-o", out), "--model")
     assert not out.exists()
+
+
+def test_interrupted_retrain_resumes_exactly(trained, digit_folder, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from cvfm.errors import UsageError
+    from cvfm.unlearn import run as run_module
+    from cvfm.unlearn.request import ForgetRequest
+    from cvfm.unlearn.run import UnlearnConfig, unlearn
+
+    real_finetune = run_module.finetune
+
+    def ctrl_c(step):
+        if step == 5:  # in the second of 8 epochs of 6 steps
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(run_module, "finetune", lambda cfg: real_finetune(cfg, on_step=ctrl_c))
+    cfg = UnlearnConfig(
+        model=str(trained["full"]),
+        output=str(tmp_path / "r"),
+        request=ForgetRequest(classes=("one",)),
+        audit=False,
+        num_workers=0,
+    )
+    with pytest.raises(KeyboardInterrupt):
+        unlearn(cfg)
+    assert not (tmp_path / "r" / "unlearn.json").exists()
+    monkeypatch.setattr(run_module, "finetune", real_finetune)
+    with pytest.raises(UsageError, match="--resume"):
+        unlearn(cfg)  # the half-done retraining is not silently replaced
+    record = unlearn(UnlearnConfig(**{**cfg.__dict__, "resume": True}))
+    assert record["method"] == "retrain" and record["num_forgotten"] == 32
+    (tmp_path / "ids.txt").write_text("\n".join(_ids(digit_folder, "one")) + "\n")
+    recipe = json.loads((trained["full"] / "run.json").read_text())["finetune"]
+    manual = finetune(
+        FinetuneConfig(**{**recipe, "output": str(tmp_path / "m"), "exclude": str(tmp_path / "ids.txt")})
+    )
+    assert _same_weights(tmp_path / "r", manual)
+
+
+def test_an_existing_output_is_kept_unless_overwrite(cli, trained, tmp_path):
+    out = tmp_path / "o"
+    args = ["unlearn", "--model", trained["probe"], "--forget-class", "one", "--no-audit", "-o", out]
+    one_json_line(cli(*args))
+    before = (out / "unlearn.json").read_bytes()
+    assert_usage_error(cli(*args[:-2], "--forget-class", "two", "-o", out), "--overwrite")
+    assert (out / "unlearn.json").read_bytes() == before
+    rec = one_json_line(cli(*args[:-2], "--forget-class", "two", "-o", out, "--overwrite"))
+    assert (
+        rec["num_forgotten"] == 64 and json.loads((out / "unlearn.json").read_text())["num_forgotten"] == 64
+    )
