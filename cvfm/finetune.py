@@ -15,7 +15,6 @@ with another output (and exclusions) reruns the same recipe (`cvfm unlearn --met
 
 from __future__ import annotations
 
-import itertools
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -27,8 +26,7 @@ from cvfm.data.loader import SkipLog
 from cvfm.data.sources import ImageSource, open_source
 from cvfm.errors import UsageError
 from cvfm.eval.features import extract_features
-from cvfm.eval.knn import topk_accuracy
-from cvfm.eval.linear import LRS, WEIGHT_DECAYS, _val_split, train_linear
+from cvfm.eval.linear import sweep_linear, train_linear
 from cvfm.models.classifier import (
     Classifier,
     KnnHead,
@@ -290,17 +288,7 @@ def _choose_lr(x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: Finetune
     """(lr, weight decay, validation top-1): cfg's, or the best of the linear probe's sweep (seeded)."""
     if cfg.lr is not None:
         return cfg.lr, cfg.weight_decay, None
-    fit, val = _val_split(y.numpy(), 0.1, cfg.seed)
-    best = None
-    for lr, wd in itertools.product(LRS, WEIGHT_DECAYS):
-        layer, mean, std = train_linear(
-            x[fit], y[fit], num_classes, lr, wd, cfg.epochs, cfg.batch_size, cfg.seed
-        )
-        with torch.no_grad():
-            acc = topk_accuracy(layer((x[val] - mean) / std), y[val], ks=(1,))[1]
-        if best is None or acc > best[2]:
-            best = (lr, wd, acc)
-    return best
+    return sweep_linear(x, y, num_classes, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed)
 
 
 __all__ = ["FinetuneConfig", "finetune", "fit_frozen_classifier"]

@@ -396,8 +396,8 @@ def test_cli_help_has_examples(cli):
 
 
 def test_relabel_renumbers_by_class_name(image_folder):
+    from cvfm.data.sources import relabel
     from cvfm.errors import UsageError
-    from cvfm.unlearn.audit import relabel
 
     source = open_source(str(image_folder))  # classes cat (0), dog (1)
     swapped = relabel(source, ["dog", "cat", "bird"], what="model")

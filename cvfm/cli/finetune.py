@@ -131,14 +131,15 @@ def summary(path) -> dict:
     import json
     from pathlib import Path
 
+    from cvfm.finetune import FinetuneConfig
+
     record = json.loads((Path(path) / "run.json").read_text())
-    recipe = record["finetune"]
-    frozen = recipe["freeze"] or recipe["head"] == "knn"
+    recipe = FinetuneConfig(**record["finetune"])
     return {
         "run": str(path),
         "classifier": str(Path(path) / "classifier"),
-        "head": recipe["head"],
-        "frozen": frozen,
+        "head": recipe.head,
+        "frozen": recipe.frozen,
         "classes": len(record["data"]["classes"]),
         "train_images": record["data"]["images"],
         "excluded": (record.get("excluded") or {}).get("count", 0),

@@ -7,10 +7,11 @@ are kept in `skipped` so a run summary can name them; with `strict=True` they ra
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -337,8 +338,24 @@ def _first_line(e: BaseException) -> str:
 
 def subset(source: ImageSource, indices: Sequence[int]) -> ImageSource:
     """A view of `source` restricted to `indices` (same loader, same classes)."""
-    import copy
-
     view = copy.copy(source)
     view.items = [source.items[i] for i in indices]
+    return view
+
+
+def relabel(source: ImageSource, classes: list[str] | None, *, what: str) -> ImageSource:
+    """A view of `source` with its labels renumbered to `classes` by class name (folders and manifests
+    may number classes differently). Unchanged when either side has no names or they already agree."""
+    if not source.classes or not classes or list(source.classes) == list(classes):
+        return source
+    index = {c: i for i, c in enumerate(classes)}
+    present = {
+        source.classes[label] for label in set(source.labels.tolist()) if 0 <= label < len(source.classes)
+    }
+    missing = sorted(present - set(index))
+    if missing:
+        raise UsageError(f"classes of '{source.name}' unknown to the {what}: {', '.join(missing[:5])}")
+    view = copy.copy(source)
+    view.items = [replace(it, label=index[source.classes[it.label]]) for it in source.items]
+    view.classes = list(classes)
     return view

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
@@ -22,12 +24,14 @@ def extract_features(
     device: torch.device | str = "cpu",
     skips: SkipLog | None = None,
     autocast_dtype: torch.dtype | None = None,
+    transform: Callable | None = None,
     desc: str = "features",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Returns (features (N, D) float32, labels (N,), source indices (N,)) for the readable images."""
+    """Returns (outputs (N, D) float32, labels (N,), source indices (N,)) for the readable images: an
+    encoder's pooled features, or a classifier's logits. `transform` defaults to `encoder.preprocess`'s."""
     skips = skips or SkipLog()
     loader = DataLoader(
-        ImageDataset(source, encoder.preprocess.transform()),
+        ImageDataset(source, transform or encoder.preprocess.transform()),
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=collate,
@@ -48,5 +52,6 @@ def extract_features(
             advance()
     encoder.train(was_training)
     if not feats:
-        return np.zeros((0, encoder.num_features), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)
+        width = getattr(encoder, "num_features", 0)  # a classifier's logits have no fixed width here
+        return np.zeros((0, width), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)
     return torch.cat(feats).numpy(), torch.cat(labels).numpy(), torch.cat(index).numpy()

@@ -30,7 +30,7 @@ def knn_predict_scores(
         sim = test[start : start + chunk] @ train.T
         top_sim, top_idx = sim.topk(k, dim=1)
         weights = (top_sim / temperature).exp()
-        votes = torch.zeros(sim.shape[0], num_classes, dtype=weights.dtype)
+        votes = torch.zeros(sim.shape[0], num_classes, dtype=weights.dtype, device=weights.device)
         votes.scatter_add_(1, train_labels[top_idx], weights)
         out.append(votes)
     return torch.cat(out)

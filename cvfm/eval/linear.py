@@ -68,6 +68,30 @@ def _scores(layer, mean, std, x):
     return layer((x - mean) / std)
 
 
+def sweep_linear(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    *,
+    lrs=LRS,
+    weight_decays=WEIGHT_DECAYS,
+    epochs: int = 50,
+    batch_size: int = 256,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+) -> tuple[float, float, float]:
+    """(lr, weight decay, validation top-1) of the sweep point that scores best on a seeded, stratified
+    `val_fraction` of the training data (the first of equals wins)."""
+    fit, val = _val_split(y.numpy(), val_fraction, seed)
+    best = None
+    for lr, wd in itertools.product(lrs, weight_decays):
+        layer, m, s = train_linear(x[fit], y[fit], num_classes, lr, wd, epochs, batch_size, seed)
+        acc = topk_accuracy(_scores(layer, m, s, x[val]), y[val], ks=(1,))[1]
+        if best is None or acc > best[2]:
+            best = (lr, wd, acc)
+    return best
+
+
 def linear_evaluate(
     train: np.ndarray,
     train_labels: np.ndarray,
@@ -83,14 +107,17 @@ def linear_evaluate(
 ) -> dict[str, float]:
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     x, y = torch.from_numpy(train).float(), torch.from_numpy(train_labels).long()
-    fit, val = _val_split(train_labels, val_fraction, seed)
-    best = None
-    for lr, wd in itertools.product(lrs, weight_decays):
-        layer, m, s = train_linear(x[fit], y[fit], num_classes, lr, wd, epochs, batch_size, seed)
-        acc = topk_accuracy(_scores(layer, m, s, x[val]), y[val], ks=(1,))[1]
-        if best is None or acc > best[0]:
-            best = (acc, lr, wd)
-    val_acc, lr, wd = best
+    lr, wd, val_acc = sweep_linear(
+        x,
+        y,
+        num_classes,
+        lrs=lrs,
+        weight_decays=weight_decays,
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=seed,
+        val_fraction=val_fraction,
+    )
     layer, m, s = train_linear(x, y, num_classes, lr, wd, epochs, batch_size, seed)
     acc = topk_accuracy(
         _scores(layer, m, s, torch.from_numpy(test).float()), torch.from_numpy(test_labels).long()

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
 
 import cvfm
 from cvfm.data.loader import SkipLog
-from cvfm.data.sources import open_source
+from cvfm.data.sources import open_source, relabel
 from cvfm.errors import UsageError
 from cvfm.eval.features import extract_features
 from cvfm.eval.knn import check_ks, knn_evaluate
@@ -57,7 +56,7 @@ def evaluate(
             raise UsageError(
                 f"the {name} data '{src.name}' has unlabelled images; {task} evaluation needs labels"
             )
-    test_to_train = _class_map(train, test)
+    test = relabel(test, train.classes, what="training data")  # folders may number classes differently
     encoder = create_encoder(model, pretrained=pretrained, trust_remote_code=trust_remote_code)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":
@@ -66,8 +65,6 @@ def evaluate(
     common = {"batch_size": batch_size, "num_workers": num_workers, "device": device, "skips": skips}
     xtr, ytr, _ = extract_features(encoder, train, desc="train features", **common)
     xte, yte, _ = extract_features(encoder, test, desc="test features", **common)
-    if test_to_train is not None:
-        yte = test_to_train[yte]
     if len(xtr) == 0 or len(xte) == 0:
         raise UsageError("no readable images left to evaluate on")
     if task == "knn":
@@ -84,14 +81,3 @@ def evaluate(
         "wall_s": round(time.perf_counter() - t0, 3),
         "data": {"train": len(xtr), "test": len(xte), "skipped": skips.as_list()},
     }
-
-
-def _class_map(train, test) -> np.ndarray | None:
-    """Test label index -> train label index, matched by class name (folders or manifests may number
-    classes differently per split). None when both share one numbering or names are unknown."""
-    if not train.classes or not test.classes or train.classes == test.classes:
-        return None
-    missing = sorted(set(test.classes) - set(train.classes))
-    if missing:
-        raise UsageError(f"test classes absent from the training data: {', '.join(missing[:5])}")
-    return np.array([train.classes.index(c) for c in test.classes], dtype=np.int64)

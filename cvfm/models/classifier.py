@@ -80,20 +80,16 @@ class KnnHead(nn.Module):
         return cls(F.normalize(features.float(), dim=1), labels, ids, num_classes, **kw)
 
     @torch.no_grad()
-    def votes(self, features: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-        """Summed vote weights per class (N, C), as `cvfm.eval.knn.knn_predict_scores`."""
+    def votes(self, features: torch.Tensor) -> torch.Tensor:
+        """Summed vote weights per class (N, C): `cvfm.eval.knn.knn_predict_scores` over the bank."""
+        from cvfm.eval.knn import knn_predict_scores
+
         if len(self.ids) == 0:
             raise CvfmError("the k-NN head has an empty bank")
-        queries = F.normalize(features.float(), dim=1)
-        k = min(self.k, self.bank.shape[0])
-        out = []
-        for start in range(0, queries.shape[0], chunk):
-            sim = queries[start : start + chunk] @ self.bank.T
-            top_sim, top_idx = sim.topk(k, dim=1)
-            weights = (top_sim / self.temperature).exp()
-            votes = torch.zeros(sim.shape[0], self.num_classes, dtype=weights.dtype, device=weights.device)
-            out.append(votes.scatter_add_(1, self.labels[top_idx], weights))
-        return torch.cat(out) if out else torch.zeros(0, self.num_classes, device=self.bank.device)
+        if features.shape[0] == 0:
+            return torch.zeros(0, self.num_classes, device=self.bank.device)
+        k, t = self.k, self.temperature
+        return knn_predict_scores(self.bank, self.labels, features, k, self.num_classes, t)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         votes = self.votes(features)

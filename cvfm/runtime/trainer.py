@@ -49,7 +49,7 @@ from cvfm.eval.features import extract_features
 from cvfm.eval.knn import knn_evaluate
 from cvfm.eval.zeroshot import build_zeroshot_classifier, zeroshot_logits
 from cvfm.methods import Budget, build_method, method_class
-from cvfm.models.classifier import Classifier, LinearHead, class_names, labelled_classes
+from cvfm.models.classifier import Classifier, LinearHead, labelled_classes
 from cvfm.models.dual import DualEncoder, ImageTower
 from cvfm.models.paired import PairedEncoder
 from cvfm.registry import create_captioner, create_dual_encoder, create_encoder, create_matcher
@@ -571,7 +571,7 @@ class _Monitor:
     """
 
     def __init__(self, cfg: PretrainConfig, core):
-        from cvfm.data.sources import subset
+        from cvfm.data.sources import relabel, subset
 
         rng = np.random.default_rng(cfg.seed)
         queries = open_source(cfg.monitor, split="test")
@@ -583,27 +583,21 @@ class _Monitor:
         if bank is not None:
             self.bank = subset(bank, np.sort(rng.permutation(len(bank))[: cfg.monitor_size]))
         self.queries = subset(queries, np.sort(rng.permutation(len(queries))[: cfg.monitor_size // 2]))
-        if self.classifier:
-            self.to_model = _class_index(class_names(self.queries), core.encoder.classes, cfg.monitor)
+        if self.classifier:  # the classifier's class numbering, matched by name
+            self.queries = relabel(
+                self.queries, core.encoder.classes, what=f"classifier (--monitor '{cfg.monitor}')"
+            )
 
     def __call__(self, model, device) -> dict:
         if self.classifier:  # extract_features gives the classifier's output: its logits
             logits, labels, _ = extract_features(model, self.queries, device=device, desc="monitor top-1")
-            return {"monitor/top1": float((logits.argmax(1) == self.to_model[labels]).mean())}
+            return {"monitor/top1": float((logits.argmax(1) == labels).mean())}
         if self.zero_shot:
             return {"monitor/zeroshot_top1": _zero_shot_top1(model, self.queries, device)}
         encoder = model.image_encoder() if isinstance(model, DualEncoder) else model
         xb, yb, _ = extract_features(encoder, self.bank, device=device, desc="monitor bank")
         xq, yq, _ = extract_features(encoder, self.queries, device=device, desc="monitor queries")
         return {f"monitor/{k}": v for k, v in knn_evaluate(xb, yb, xq, yq, ks=(20,)).items() if "top1" in k}
-
-
-def _class_index(names: list[str], classes: list[str], data: str) -> np.ndarray:
-    """Label index in `names` -> index in a classifier's `classes`, matched by name."""
-    missing = sorted(set(names) - set(classes))
-    if missing:
-        raise UsageError(f"--monitor '{data}' has classes the classifier lacks: {', '.join(missing[:5])}")
-    return np.array([classes.index(n) for n in names], dtype=np.int64)
 
 
 def _zero_shot_top1(dual: DualEncoder, source: ImageSource, device) -> float:

@@ -9,8 +9,6 @@ the reference an approximate method is judged against: the gap to it per metric,
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -22,7 +20,7 @@ from torch import nn
 import cvfm
 from cvfm.data.exclude import drop_ids, excluded_ids, ids_sha256
 from cvfm.data.loader import SkipLog
-from cvfm.data.sources import ImageSource, open_source, subset
+from cvfm.data.sources import ImageSource, open_source, relabel, subset
 from cvfm.errors import CvfmError, UsageError
 from cvfm.unlearn.mia import (
     loss_threshold_auc,
@@ -290,24 +288,6 @@ def read_unlearn_record(model_id: str) -> tuple[dict | None, Path | None]:
                 raise CvfmError(f"{candidate} is not a JSON object")
             return info, candidate
     return None, None
-
-
-def relabel(source: ImageSource, classes: list[str] | None, *, what: str) -> ImageSource:
-    """A view of `source` with its labels renumbered to `classes` by class name (folders and manifests
-    may number classes differently). Unchanged when either side has no names or they already agree."""
-    if not source.classes or not classes or list(source.classes) == list(classes):
-        return source
-    index = {c: i for i, c in enumerate(classes)}
-    present = {
-        source.classes[label] for label in set(source.labels.tolist()) if 0 <= label < len(source.classes)
-    }
-    missing = sorted(present - set(index))
-    if missing:
-        raise UsageError(f"classes of '{source.name}' unknown to the {what}: {', '.join(missing[:5])}")
-    view = copy.copy(source)
-    view.items = [dataclasses.replace(it, label=index[source.classes[it.label]]) for it in source.items]
-    view.classes = list(classes)
-    return view
 
 
 def _classes(model: nn.Module) -> list[str] | None:

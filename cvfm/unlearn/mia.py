@@ -18,11 +18,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
 
-from cvfm.data.loader import ImageDataset, SkipLog, collate
+from cvfm.data.loader import SkipLog
 from cvfm.data.sources import ImageSource
-from cvfm.runtime.progress import progress
+from cvfm.eval.features import extract_features
 
 SVC_OPTIONS = {"C": 3, "gamma": "auto", "kernel": "rbf"}  # Unlearn-Saliency evaluation/SVC_MIA.py
 
@@ -40,30 +39,23 @@ def predictions(
     desc: str = "predictions",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Softmax probabilities (N, C), labels (N,) and cross-entropy losses (N,) of the readable images of a
-    labelled source, in eval mode. Unreadable images are skipped and recorded in `skips`."""
-    skips = skips if skips is not None else SkipLog()
-    loader = DataLoader(
-        ImageDataset(source, transform), batch_size=batch_size, num_workers=num_workers, collate_fn=collate
+    labelled source, in eval mode (`extract_features` of the model's logits). Unreadable images are
+    skipped and recorded in `skips`."""
+    logits, labels, _ = extract_features(
+        model,
+        source,
+        transform=transform,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=device,
+        skips=skips,
+        desc=desc,
     )
-    was_training = model.training
-    model.eval().to(device)
-    probs, labels, losses = [], [], []
-    try:
-        with progress(desc, total=len(loader)) as advance:
-            for batch in loader:
-                skips.add(batch["skipped"])
-                if batch["image"] is not None:
-                    logits = model(batch["image"].to(device, non_blocking=True)).float()
-                    y = batch["label"].to(logits.device)
-                    probs.append(logits.softmax(dim=1).cpu())
-                    losses.append(F.cross_entropy(logits, y, reduction="none").cpu())
-                    labels.append(batch["label"])
-                advance()
-    finally:
-        model.train(was_training)
-    if not probs:
+    if len(labels) == 0:
         return np.zeros((0, 0), np.float32), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    return torch.cat(probs).numpy(), torch.cat(labels).numpy(), torch.cat(losses).numpy()
+    logits_t, labels_t = torch.from_numpy(logits), torch.from_numpy(labels)
+    losses = F.cross_entropy(logits_t, labels_t, reduction="none")
+    return logits_t.softmax(dim=1).numpy(), labels, losses.numpy()
 
 
 def true_label_confidence(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -25,9 +23,10 @@ from accelerate import PartialState
 
 import cvfm
 from cvfm.data.exclude import excluded_ids, ids_sha256
-from cvfm.data.sources import ImageSource, open_source
+from cvfm.data.sources import ImageSource, open_source, relabel
 from cvfm.errors import UsageError
 from cvfm.finetune import FinetuneConfig, finetune, fit_frozen_classifier, open_training_data
+from cvfm.finetune import recipe as finetune_recipe
 from cvfm.methods.supervised import train_transform
 from cvfm.models.classifier import Classifier, KnnHead
 from cvfm.registry import create_classifier
@@ -35,6 +34,7 @@ from cvfm.runtime.files import write_json, write_text
 from cvfm.runtime.progress import log
 from cvfm.runtime.run_dir import RunDir
 from cvfm.runtime.threads import share_cores_with_workers
+from cvfm.runtime.trainer import save_atomically
 from cvfm.unlearn.ledger import Ledger, model_digest
 from cvfm.unlearn.request import ForgetRequest, default_request_id
 
@@ -124,13 +124,10 @@ def unlearn(cfg: UnlearnConfig) -> dict:
             return {}  # one process writes the record, audits and appends to the ledger
     elif method == "head":
         model, settings = _refit_head(original, retain, forget_ids, recipe), {"head": recipe.head}
-        _write_run(out, recipe, model, cfg.overwrite)
     else:
         model, settings = _approximate(cfg, method, original, retain, forget, recipe)
-        _write_run(out, recipe, model, cfg.overwrite)
     wall_s = round(time.perf_counter() - t0, 3)
-    ids_file = write_text(out / "forgotten_ids.txt", "".join(f"{i}\n" for i in all_forgotten))
-    _set_exclusion(out, replace(recipe, exclude=str(ids_file.resolve()), output=str(out)))
+    _write_run(out, recipe, all_forgotten, None if method == "retrain" else model, cfg.overwrite)
     record = {
         "request_id": request_id,
         "request": cfg.request.describe(),
@@ -234,24 +231,24 @@ def _approximate(cfg, name, original, retain, forget, recipe) -> tuple[Classifie
     return model.cpu().eval(), settings
 
 
-def _write_run(out: Path, recipe: FinetuneConfig, model: Classifier, overwrite: bool) -> None:
-    run = RunDir(out, overwrite=overwrite).create()
-    staged = out / ".classifier.tmp"
-    shutil.rmtree(staged, ignore_errors=True)
-    model.save(staged)
-    shutil.rmtree(out / "classifier", ignore_errors=True)
-    os.replace(staged, out / "classifier")
-    run.update(finetune=asdict(recipe), status="finished")
-
-
-def _set_exclusion(out: Path, recipe: FinetuneConfig) -> None:
-    """The output's recipe excludes every id forgotten so far: a later `retrain` from it is exact."""
-    run = RunDir(out, resume=True)
-    run.update(finetune=asdict(replace(recipe, overwrite=False, resume=False)))
+def _write_run(
+    out: Path, recipe: FinetuneConfig, forgotten: list[str], model: Classifier | None, overwrite: bool
+):
+    """The output as a classifier run: classifier/ (`model`; None when retraining already wrote the run),
+    forgotten_ids.txt, and run.json whose recipe leaves out every id forgotten so far, so that a later
+    `retrain` from this output is exact too."""
+    if model is None:
+        run = RunDir(out, resume=True)
+    else:
+        run = RunDir(out, overwrite=overwrite).create()
+        save_atomically(model, out / "classifier")
+    ids_file = write_text(out / "forgotten_ids.txt", "".join(f"{i}\n" for i in forgotten))
+    final = replace(recipe, exclude=str(ids_file.resolve()), output=str(out))
+    run.update(finetune=finetune_recipe(final), status="finished")
 
 
 def _audit(cfg, recipe, model, original, retain, forget, source, out: Path) -> dict:
-    from cvfm.unlearn.audit import audit, relabel
+    from cvfm.unlearn.audit import audit
     from cvfm.unlearn.plot import plot_attack_scores
 
     test = open_source(
