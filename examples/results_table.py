@@ -4,11 +4,13 @@ import json
 import sys
 
 rows: dict[str, dict[str, float]] = {}
-for line in open(sys.argv[1] if len(sys.argv) > 1 else "/dev/stdin", encoding="utf-8"):
-    r = json.loads(line)
-    key = "knn_top1@20" if r["task"] == "knn" else "linear_top1"
-    rows.setdefault(r["model"], {})[r["task"]] = 100 * r["metrics"][key]
+with open(sys.argv[1] if len(sys.argv) > 1 else "/dev/stdin", encoding="utf-8") as f:
+    for line in f:
+        r = json.loads(line)
+        key = "knn_top1@20" if r["task"] == "knn" else "linear_top1"
+        rows.setdefault(r["model"], {})[r["task"]] = 100 * r["metrics"][key]
 names = {"cvfm/pixels": "raw pixels", "cvfm/tiny-resnet": "random-init cvfm/tiny-resnet"}
 print(f"{'encoder':<40} {'k-NN top-1':>10} {'linear top-1':>12}")
 for model, m in rows.items():
-    print(f"{names.get(model, model):<40} {m.get('knn', float('nan')):>10.1f} {m.get('linear', float('nan')):>12.1f}")
+    knn, linear = m.get("knn", float("nan")), m.get("linear", float("nan"))
+    print(f"{names.get(model, model):<40} {knn:>10.1f} {linear:>12.1f}")

@@ -207,6 +207,20 @@ def test_dino_head_shapes_weight_norm_and_normalised_bottleneck():
     assert "last_layer.parametrizations.weight.original0" not in trainable
 
 
+def test_dino_norm_last_layer_off_trains_the_weight_norm():
+    # main_dino.py's --norm_last_layer false: g starts at 1 but learns, so output rows may leave unit norm.
+    dino = _dino({"norm_last_layer": "false"})
+    g = dino.head.last_layer.parametrizations.weight.original0
+    assert g.requires_grad and torch.all(g == 1.0)
+    teacher_g = dino.teacher[1].last_layer.parametrizations.weight.original0
+    assert not teacher_g.requires_grad
+    views = [torch.randn(4, 3, 32, 32)] * 2 + [torch.randn(4, 3, 16, 16)] * 2
+    loss, _ = dino(views, step=5)  # past the frozen-last-layer steps
+    loss.backward()
+    assert g.grad is not None and float(g.grad.abs().sum()) > 0
+    assert not _dino().head.last_layer.parametrizations.weight.original0.requires_grad  # default: fixed
+
+
 def _dino(options: dict | None = None, *, num_images=100, steps_per_epoch=5, total_steps=10, batch_size=4):
     budget = Budget(
         num_images=num_images, steps_per_epoch=steps_per_epoch, total_steps=total_steps, batch_size=batch_size

@@ -100,7 +100,9 @@ def test_save_reload_through_both_doors_and_image_folder_alone(tmp_path, x):
     with torch.no_grad():
         before = paired.image(x)
         assert torch.equal(alone(x), before)
-        assert torch.equal(timm_model.forward_head(timm_model.forward_features(x), pre_logits=True), before)
+        nhwc = x.contiguous(memory_format=torch.channels_last)  # how the cvfm encoder feeds a conv net
+        plain = timm_model.forward_head(timm_model.forward_features(nhwc), pre_logits=True)
+        assert torch.equal(plain, before)
 
 
 def test_random_init_from_folder_and_strict_heads(tmp_path, x):

@@ -80,8 +80,9 @@ def test_preset_shapes(saved_presets, x, model_id):
 
 def test_resnet_tokens_are_the_flattened_feature_map(saved_presets, x):
     enc, _ = saved_presets["cvfm/tiny-resnet"]
+    assert enc.channels_last  # conv nets take NHWC input (faster); weights stay contiguous
     with torch.no_grad():
-        fmap = enc.model.forward_features(x)  # (B, C, H, W)
+        fmap = enc.model.forward_features(x.contiguous(memory_format=torch.channels_last))  # (B, C, H, W)
         out = enc.encode(x)
     assert fmap.shape == (2, 128, _RESNET_SIDE, _RESNET_SIDE)
     assert torch.equal(out.patch_tokens, fmap.flatten(2).transpose(1, 2))
@@ -90,6 +91,7 @@ def test_resnet_tokens_are_the_flattened_feature_map(saved_presets, x):
 
 def test_vit_pooled_is_the_class_token_and_tokens_the_rest(saved_presets, x):
     enc, _ = saved_presets["cvfm/tiny-vit"]
+    assert not enc.channels_last  # a ViT's one conv (the patch embedding) keeps NCHW input
     with torch.no_grad():
         feats = enc.model.forward_features(x)  # (B, 1 + 64, D) after the final norm
         out = enc.encode(x)
@@ -126,9 +128,12 @@ def test_plain_timm_reads_the_export(saved_presets, x, model_id):
     enc, folder = saved_presets[model_id]
     model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
     assert model.num_classes == 0
+    # Conv nets run NHWC inside the encoder: the same layout gives the same bits, NCHW the same values.
+    same = x.contiguous(memory_format=torch.channels_last) if enc.channels_last else x
     with torch.no_grad():
-        assert torch.equal(model(x), enc(x))
-        assert torch.equal(model.forward_head(model.forward_features(x), pre_logits=True), enc(x))
+        assert torch.equal(model(same), enc(x))
+        assert torch.equal(model.forward_head(model.forward_features(same), pre_logits=True), enc(x))
+        torch.testing.assert_close(model(x), enc(x), rtol=1e-5, atol=1e-6)
 
 
 def test_differently_initialised_encoders_differ(saved_presets, x):

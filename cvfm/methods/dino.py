@@ -28,6 +28,7 @@ class DINOConfig:
     out_dim: int | None = None  # auto: 65536 (paper) for >= 1M images, else ~N/10 rounded to a power of 2
     hidden_dim: int | None = None  # auto: 2048 (paper) or 8x the embedding size when smaller
     bottleneck_dim: int = 256
+    norm_last_layer: bool = True  # main_dino.py's --norm_last_layer: last layer's weight norm g fixed to 1
     head_bn: bool | None = None  # main_dino.py's --use_bn_in_head; auto: on for backbones with BatchNorm
     local_crops: int = 8
     local_size: int | None = None  # auto: 96/224 of the global size, at least 8 px, whole ViT patches
@@ -84,7 +85,13 @@ class DINOHead(nn.Module):
     """3-layer MLP (GELU) -> L2-normalised bottleneck -> weight-normalised linear layer (g fixed to 1)."""
 
     def __init__(
-        self, in_dim: int, out_dim: int, hidden_dim: int, bottleneck_dim: int, batch_norm: bool = False
+        self,
+        in_dim: int,
+        out_dim: int,
+        hidden_dim: int,
+        bottleneck_dim: int,
+        batch_norm: bool = False,
+        norm_last_layer: bool = True,
     ):
         super().__init__()
         norm = (lambda: nn.BatchNorm1d(hidden_dim)) if batch_norm else nn.Identity
@@ -105,7 +112,7 @@ class DINOHead(nn.Module):
             nn.Linear(bottleneck_dim, out_dim, bias=False)
         )
         self.last_layer.parametrizations.weight.original0.data.fill_(1.0)
-        self.last_layer.parametrizations.weight.original0.requires_grad_(False)
+        self.last_layer.parametrizations.weight.original0.requires_grad_(not norm_last_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.last_layer(F.normalize(self.mlp(x), dim=-1))
@@ -145,7 +152,12 @@ class DINO(Method):
         if cfg.local_crops:
             _check_input_size(encoder, cfg.local_size)
         self.head = DINOHead(
-            encoder.num_features, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.head_bn
+            encoder.num_features,
+            cfg.out_dim,
+            cfg.hidden_dim,
+            cfg.bottleneck_dim,
+            cfg.head_bn,
+            cfg.norm_last_layer,
         )
         self.teacher = frozen_copy(nn.Sequential(encoder, self.head))
         self.register_buffer("center", torch.zeros(1, cfg.out_dim))

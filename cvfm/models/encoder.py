@@ -66,8 +66,13 @@ class TimmEncoder(Encoder):
         self.model, self.name, self.arch, self.model_args = model, name, arch, dict(model_args)
         self.num_features = int(model.num_features)
         self.preprocess = preprocess or _timm_preprocess(model)
+        # Conv nets (more than a ViT's patch embedding) run faster on NHWC input: oneDNN on CPU, tensor cores
+        # on GPU (1.3x a training step of cvfm/tiny-resnet on one CPU thread). Weights stay contiguous.
+        self.channels_last = sum(isinstance(m, nn.Conv2d) for m in model.modules()) > 1
 
     def encode(self, x: torch.Tensor) -> EncoderOutput:
+        if self.channels_last and x.ndim == 4 and x.device.type in ("cpu", "cuda"):
+            x = x.contiguous(memory_format=torch.channels_last)
         feats = self.model.forward_features(x)
         pooled = self.model.forward_head(feats, pre_logits=True)
         if feats.ndim == 3:  # (B, tokens, D): drop class / register tokens
