@@ -82,7 +82,8 @@ def _check_input_size(encoder, size: int) -> None:
 
 
 class DINOHead(nn.Module):
-    """3-layer MLP (GELU) -> L2-normalised bottleneck -> weight-normalised linear layer (g fixed to 1)."""
+    """3-layer MLP (GELU) -> L2-normalised bottleneck -> weight-normalised linear layer (g fixed to 1
+    unless `norm_last_layer=False`)."""
 
     def __init__(
         self,
