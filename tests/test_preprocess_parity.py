@@ -286,26 +286,31 @@ def test_open_clip_resize_modes(tmp_path, photos, resize_mode):
     from open_clip.push_to_hf_hub import save_for_hf
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
-    spec = tmp_path / "spec"
+    spec, folder = tmp_path / "spec", tmp_path / "oc"
     spec.mkdir()
-    pp = {"mean": [0.4, 0.5, 0.6], "std": [0.2, 0.25, 0.3], "resize_mode": resize_mode, "fill_color": 90}
-    (spec / "open_clip_config.json").write_text(
-        json.dumps({"model_cfg": OPEN_CLIP_CFG, "preprocess_cfg": pp})
-    )
+    pp = {"mean": [0.4, 0.5, 0.6], "std": [0.2, 0.25, 0.3], "resize_mode": resize_mode}
+    (spec / "open_clip_config.json").write_text(json.dumps({"model_cfg": OPEN_CLIP_CFG, "preprocess_cfg": pp}))
     torch.manual_seed(0)
     model = open_clip.create_model(f"local-dir:{spec}").eval()  # random init
     tokenizer = type("NoFiles", (), {"save_pretrained": lambda self, dest: None})()  # built-in BPE
-    save_for_hf(model, tokenizer, OPEN_CLIP_CFG, tmp_path / "oc", safe_serialization=True)
+    save_for_hf(model, tokenizer, OPEN_CLIP_CFG, folder, safe_serialization=True)
+    config = json.loads((folder / "open_clip_config.json").read_text())
+    config["preprocess_cfg"]["fill_color"] = 90  # open_clip's save drops it; a hub config may hold it
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
 
-    dual = create_dual_encoder(str(tmp_path / "oc"))
-    assert (dual.preprocess.resize_mode, dual.preprocess.library) == (resize_mode, "open_clip")
-    # open_clip's own save drops fill_color, so the reference is the model open_clip loads back
-    reference = open_clip.create_model(f"local-dir:{tmp_path / 'oc'}").eval()
+    dual = create_dual_encoder(str(folder))
+    assert (dual.preprocess.resize_mode, dual.preprocess.fill, dual.preprocess.library) == (
+        resize_mode,
+        90,
+        "open_clip",
+    )
+    reference = open_clip.create_model(f"local-dir:{folder}").eval()
     transform = image_transform_v2(PreprocessCfg(**reference.visual.preprocess_cfg), is_train=False)
     ours, ref = _ours(dual.preprocess, photos), torch.stack([transform(p) for p in photos])
     _assert_same_pixels(ours, ref)
     with torch.no_grad():
         _assert_close(dual.encode_image(ours), reference.encode_image(ref))
+    assert create_dual_encoder(str(dual.save(tmp_path / "again"))).preprocess == dual.preprocess
 
 
 # ------------------------------------------------------------------------- cvfm's own convention, storage
