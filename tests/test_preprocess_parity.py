@@ -289,7 +289,8 @@ def test_open_clip_resize_modes(tmp_path, photos, resize_mode):
     spec, folder = tmp_path / "spec", tmp_path / "oc"
     spec.mkdir()
     pp = {"mean": [0.4, 0.5, 0.6], "std": [0.2, 0.25, 0.3], "resize_mode": resize_mode}
-    (spec / "open_clip_config.json").write_text(json.dumps({"model_cfg": OPEN_CLIP_CFG, "preprocess_cfg": pp}))
+    spec_config = {"model_cfg": OPEN_CLIP_CFG, "preprocess_cfg": pp}
+    (spec / "open_clip_config.json").write_text(json.dumps(spec_config))
     torch.manual_seed(0)
     model = open_clip.create_model(f"local-dir:{spec}").eval()  # random init
     tokenizer = type("NoFiles", (), {"save_pretrained": lambda self, dest: None})()  # built-in BPE
