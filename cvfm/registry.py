@@ -29,7 +29,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cvfm.data.views import Preprocess
+from cvfm.data.preprocess import Preprocess, from_transformers
 from cvfm.errors import CvfmError, UsageError
 from cvfm.models.blip import Captioner, Matcher
 from cvfm.models.classifier import Classifier, is_classifier_folder, load_classifier
@@ -392,27 +392,18 @@ def _hf_tokenizer(repo: str, name: str, trust_remote_code: bool):
 
 
 def _hf_preprocess(repo: str, model, trust_remote_code: bool) -> Preprocess:
-    """Size and normalisation from the repo's image processor, else from the model config."""
+    """The repo's image processor, reproduced exactly (`from_transformers`); without one, the model
+    config's image size and ImageNet normalisation."""
     try:
         from transformers import AutoImageProcessor
 
         proc = AutoImageProcessor.from_pretrained(repo, trust_remote_code=trust_remote_code)
     except (OSError, ValueError):
         proc = None
+    if proc is not None:
+        return from_transformers(proc)
     size = getattr(model.config, "image_size", 224)
-    size = size[0] if isinstance(size, (list, tuple)) else int(size)
-    if proc is None:
-        return Preprocess(size=size)
-    crop = getattr(proc, "crop_size", None) or getattr(proc, "size", None) or {}
-    crop_side = crop.get("height") or crop.get("shortest_edge") or size
-    resize = getattr(proc, "size", None) or {}
-    short = resize.get("shortest_edge") or resize.get("height") or crop_side
-    return Preprocess(
-        size=int(crop_side),
-        mean=tuple(proc.image_mean),
-        std=tuple(proc.image_std),
-        crop_pct=float(crop_side) / float(short),
-    )
+    return Preprocess(size=size[0] if isinstance(size, (list, tuple)) else int(size))
 
 
 def _local(path: Path, name: str, pretrained: bool, trust_remote_code: bool) -> Encoder:
@@ -496,7 +487,9 @@ def _open_clip_arch(arch: str, tag: str | None, name: str, pretrained: bool) -> 
     quick_gelu = bool(tag_cfg.get("quick_gelu")) and not model_cfg.get("quick_gelu")
     if quick_gelu:
         model_cfg["quick_gelu"] = True
-    preprocess = {k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg}
+    preprocess = {
+        k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode", "fill_color") if k in tag_cfg
+    }
     try:
         return build(
             arch, arch, model_cfg, weights, name, force_quick_gelu=quick_gelu, force_preprocess_cfg=preprocess

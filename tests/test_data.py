@@ -449,7 +449,7 @@ def test_seeded_dataset_leaves_global_rng_alone(noise_folder):
 
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory):
-    datasets = pytest.importorskip("datasets")
+    import datasets
     from datasets import ClassLabel, Features
 
     root = tmp_path_factory.mktemp("hf")
@@ -517,7 +517,6 @@ def test_hf_single_dataset_refuses_a_split(hf_dirs):
 
 
 def test_hf_missing_dataset_is_a_usage_error(tmp_path):
-    pytest.importorskip("datasets")
     with pytest.raises(UsageError, match="cannot open Hugging Face dataset"):
         open_source(f"hf:{tmp_path / 'nothing-here'}")
 
@@ -526,7 +525,6 @@ def test_hf_missing_dataset_is_a_usage_error(tmp_path):
 
 
 def test_builtin_digits_split_is_stratified_disjoint_and_fixed():
-    pytest.importorskip("sklearn")
     train = open_source("builtin:digits", split="train")
     test = open_source("builtin:digits", split="test")
     everything = open_source("builtin:digits")

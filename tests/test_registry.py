@@ -160,7 +160,8 @@ def test_run_folder_layout_loads_its_backbone(saved_presets, x, tmp_path):
 
 
 def _tiny_hf(kind):
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     torch.manual_seed(0)
     if kind == "dinov2":
         return transformers.Dinov2Model(transformers.Dinov2Config(**HF_KW)).eval()

@@ -157,7 +157,7 @@ def test_empty_stdin_is_a_usage_error(monkeypatch):
 
 @pytest.fixture(scope="module")
 def hf_text_dirs(tmp_path_factory):
-    datasets = pytest.importorskip("datasets")
+    import datasets
     from PIL import Image
 
     root = tmp_path_factory.mktemp("hf_text")
@@ -234,7 +234,6 @@ def test_captions_name_the_class_and_the_tint(name, package, classes, size):
 
 
 def test_captioned_builtin_text_column_and_plain_sets():
-    pytest.importorskip("sklearn")
     plain = open_source("builtin:digits-captions", split="test")  # no text column: images only
     assert not plain.has_texts
     captioned = open_source("builtin:digits-captions", split="test", text_column="caption")
@@ -251,7 +250,6 @@ def test_captioned_builtin_text_column_and_plain_sets():
 
 
 def test_captioned_images_are_the_base_images_tinted():
-    pytest.importorskip("sklearn")
     base = open_source("builtin:digits", split="test")
     tinted = open_source("builtin:digits-captions", split="test", text_column="caption")
     for i in (0, 7, 100):
@@ -304,7 +302,6 @@ def test_collate_tokenizes_texts_in_batch_order(tmp_path, make_image):
 
 
 def test_collate_with_the_tiny_clip_tokenizer():
-    pytest.importorskip("sklearn")
     from cvfm.models.tiny_clip import build_tokenizer
 
     tok = build_tokenizer(16)

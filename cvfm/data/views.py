@@ -1,42 +1,19 @@
-"""Augmented views for self-supervised methods, and the plain evaluation transform.
+"""Augmented views for self-supervised methods.
 
 Recipes follow the papers: SimCLR (Chen et al. 2020, App. A), BYOL (Grill et al. 2020, Table 6:
 asymmetric blur/solarize) and DINO's multi-crop (Caron et al. 2021, main_dino.py). Blur is only used
 for images of 64 px and more, as solo-learn's CIFAR recipes do: on tiny images it erases the content.
+The evaluation transform is `Preprocess.transform()` (cvfm/data/preprocess.py; importable from here too).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
-
-@dataclass(frozen=True)
-class Preprocess:
-    """How an encoder wants its input: square size, resize-then-crop ratio, normalisation."""
-
-    size: int = 224
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    crop_pct: float = 1.0
-    interpolation: str = "bicubic"
-
-    def transform(self) -> T.Compose:
-        """Deterministic evaluation transform: resize the short side, centre crop, normalise."""
-        resize = int(round(self.size / self.crop_pct))
-        return T.Compose(
-            [
-                T.ToImage(),
-                T.Resize(resize, interpolation=InterpolationMode(self.interpolation), antialias=True),
-                T.CenterCrop(self.size),
-                T.ToDtype(torch.float32, scale=True),
-                T.Normalize(self.mean, self.std),
-            ]
-        )
+from cvfm.data.preprocess import Preprocess
 
 
 def _augment(pre: Preprocess, size: int, scale: tuple[float, float], blur_p: float, solarize_p: float):

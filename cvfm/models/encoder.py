@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cvfm.data.views import Preprocess
+from cvfm.data.preprocess import TIMM_CROP_MODE_OF, Preprocess, from_timm
 from cvfm.errors import CvfmError
 
 PREPROCESS_FILE = "preprocess.json"
+PREPROCESS_KEY = "cvfm_preprocess"  # in a timm export's config.json
 
 
 @dataclass
@@ -49,11 +50,18 @@ class Encoder(nn.Module, abc.ABC):
 
 
 def read_preprocess(folder: Path) -> Preprocess | None:
+    """A folder's preprocess.json (one without `library`, written by an earlier cvfm, keeps its behaviour)."""
     path = folder / PREPROCESS_FILE
     if not path.exists():
         return None
-    d = json.loads(path.read_text())
-    return Preprocess(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
+    return _preprocess_from_dict(json.loads(path.read_text()), path)
+
+
+def _preprocess_from_dict(d: dict, path: Path) -> Preprocess:
+    try:
+        return Preprocess.from_dict(d)
+    except (ValueError, TypeError, KeyError) as e:
+        raise CvfmError(f"cannot read {path}: {e}") from None
 
 
 class TimmEncoder(Encoder):
@@ -101,9 +109,13 @@ class TimmEncoder(Encoder):
                 "mean": list(pre.mean),
                 "std": list(pre.std),
                 "crop_pct": pre.crop_pct,
+                "crop_mode": TIMM_CROP_MODE_OF[pre.resize_mode],
                 "interpolation": pre.interpolation,
                 "num_classes": 0,
             },
+            # cvfm's exact description (timm ignores top-level keys it does not know; its pretrained_cfg
+            # cannot hold them): a preset keeps cvfm's convention when loaded back.
+            PREPROCESS_KEY: asdict(pre),
         }
         state = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
         save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
@@ -127,14 +139,10 @@ class TimmEncoder(Encoder):
         except RuntimeError as e:
             detail = " ".join(str(e).split())[:600]
             raise CvfmError(f"weights of '{name}' do not match its architecture: {detail}") from None
-        cfg = config.get("pretrained_cfg", {})
-        pre = Preprocess(
-            size=int(cfg["input_size"][-1]),
-            mean=tuple(cfg["mean"]),
-            std=tuple(cfg["std"]),
-            crop_pct=float(cfg.get("crop_pct", 1.0)),
-            interpolation=cfg.get("interpolation", "bicubic"),
-        )
+        if PREPROCESS_KEY in config:
+            pre = _preprocess_from_dict(config[PREPROCESS_KEY], folder / "config.json")
+        else:  # written by timm (or by cvfm before it recorded its convention): timm's preprocessing
+            pre = _timm_preprocess(model, config.get("pretrained_cfg") or None)
         return cls(model, name, config["architecture"], args, pre)
 
 
@@ -146,17 +154,11 @@ def _jsonable(value):
     return value
 
 
-def _timm_preprocess(model: nn.Module) -> Preprocess:
+def _timm_preprocess(model: nn.Module, pretrained_cfg: dict | None = None) -> Preprocess:
+    """timm's evaluation preprocessing of `model` (of a folder's `pretrained_cfg` when given)."""
     from timm.data import resolve_data_config
 
-    cfg = resolve_data_config({}, model=model)
-    return Preprocess(
-        size=int(cfg["input_size"][-1]),
-        mean=tuple(cfg["mean"]),
-        std=tuple(cfg["std"]),
-        crop_pct=float(cfg.get("crop_pct", 1.0)),
-        interpolation=cfg.get("interpolation", "bicubic"),
-    )
+    return from_timm(resolve_data_config({}, pretrained_cfg=pretrained_cfg, model=model))
 
 
 class HFEncoder(Encoder):

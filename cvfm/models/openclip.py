@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cvfm.data.views import Preprocess
+from cvfm.data.preprocess import from_open_clip
 from cvfm.errors import CvfmError, UsageError
 from cvfm.models.dual import DualEncoder
 
@@ -29,7 +29,6 @@ WEIGHTS_FILE = "open_clip_model.safetensors"
 # open_clip's preference among a folder's checkpoints (factory._find_checkpoint_in_dir), safetensors only.
 _SAFE_WEIGHTS = (WEIGHTS_FILE, "open_clip_pytorch_model.safetensors", "model.safetensors")
 _PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt")
-_INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 
 
 class OpenCLIPTokenizer:
@@ -44,26 +43,6 @@ class OpenCLIPTokenizer:
         return {"input_ids": self.tokenizer(list(texts)).long()}
 
 
-def preprocess_from_cfg(cfg: dict) -> Preprocess:
-    """cvfm's evaluation transform from open_clip's `visual.preprocess_cfg`: resize the shortest side to
-    `size`, centre crop (crop_pct 1.0), normalise. open_clip's 'shortest' resize mode takes the same steps
-    (on the PIL image: results differ by uint8 rounding); 'squash' (SigLIP) and 'longest' agree with it
-    on square images only."""
-    size = cfg.get("size", 224)
-    if isinstance(size, (list, tuple)):
-        if len(set(size)) != 1:
-            raise CvfmError(f"open_clip model with non-square input {tuple(size)} is not supported")
-        size = size[0]
-    interpolation = cfg.get("interpolation", "bicubic")
-    return Preprocess(
-        size=int(size),
-        mean=tuple(float(m) for m in cfg["mean"]),
-        std=tuple(float(s) for s in cfg["std"]),
-        crop_pct=1.0,
-        interpolation=interpolation if interpolation in _INTERPOLATIONS else "bicubic",
-    )
-
-
 class OpenCLIPDualEncoder(DualEncoder):
     """An open_clip model (CLIP, CustomTextCLIP, ...), its tokenizer and the `model_cfg` it was built from
     (kept so that `save()` writes a config open_clip can rebuild the same architecture from)."""
@@ -74,7 +53,7 @@ class OpenCLIPDualEncoder(DualEncoder):
         self.open_clip_tokenizer = tokenizer
         self._tokenizer = OpenCLIPTokenizer(tokenizer)
         self.embed_dim = int(model_cfg["embed_dim"])
-        self.preprocess = preprocess_from_cfg(model.visual.preprocess_cfg)
+        self.preprocess = from_open_clip(model.visual.preprocess_cfg)  # open_clip's own transform
 
     @property
     def tokenizer(self) -> OpenCLIPTokenizer:
@@ -102,6 +81,8 @@ class OpenCLIPDualEncoder(DualEncoder):
         preprocess_cfg = {
             k: _jsonable(pp[k]) for k in ("mean", "std", "interpolation", "resize_mode") if k in pp
         }
+        if pp.get("fill_color"):  # open_clip's save leaves it out; kept when it is not the default (0)
+            preprocess_cfg["fill_color"] = pp["fill_color"]
         config = {"model_cfg": self.model_cfg, "preprocess_cfg": preprocess_cfg}
         state = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
         save_file(state, folder / WEIGHTS_FILE, metadata={"format": "pt"})
