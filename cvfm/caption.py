@@ -5,7 +5,8 @@ holds source rows [k * batch_size, (k + 1) * batch_size). Each batch's sampling 
 (seed, k), so a caption depends only on the settings, never on where a run was interrupted.
 
 Output: one JSON line per image, `{"id", "image", "caption"}` (`"captions": [...]` with
-`num_captions > 1`), in source order, to stdout (`"-"`) or a file. A file output is resumable:
+`num_captions > 1`), in source order, to stdout (`"-"`) or a file. From stdin to stdout the lines are
+followed as they arrive (`follow_stdin`), in whole batches of the same grid. A file output is resumable:
 
     out.jsonl            the captions, appended batch by batch (flushed and fsynced after each batch)
     out.jsonl.json       the settings it was produced with (written first, atomically)
@@ -29,7 +30,7 @@ from torch.utils.data import DataLoader, Sampler
 
 import cvfm
 from cvfm.data.loader import ImageDataset, SkipLog, collate
-from cvfm.data.sources import ImageSource, open_source
+from cvfm.data.sources import ImageSource, follow_stdin, open_source
 from cvfm.embed.run import compute_threads, rows_digest
 from cvfm.errors import UsageError
 from cvfm.runtime.files import write_json
@@ -71,7 +72,8 @@ def caption(
     Beam search (`num_beams`) by default, nucleus sampling when `top_p` is set. `on_batch(k)` is called
     after batch k is written. Returns a summary: images captioned now / already done, skipped items."""
     _check_settings(num_beams, top_p, num_captions, max_length, min_length, batch_size, repetition_penalty)
-    source = open_source(data, split=split, image_column=image_column, strict=strict)
+    follow = data == "-" and out == "-"  # a pipe in and out: caption the lines as they arrive
+    source = None if follow else open_source(data, split=split, image_column=image_column, strict=strict)
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     amp = resolve_precision(precision, dev)
     sampling = top_p is not None
@@ -82,8 +84,8 @@ def caption(
         "data": data,
         "split": split,
         "image_column": image_column,
-        "rows": len(source),
-        "rows_sha256": rows_digest(source, True),
+        "rows": None if follow else len(source),
+        "rows_sha256": None if follow else rows_digest(source, True),
         "prompt": prompt or None,
         "num_beams": 1 if sampling else num_beams,
         "top_p": top_p,
@@ -104,77 +106,92 @@ def caption(
         _check_unique_ids(source)
         done = output.open(overwrite)
         earlier_rejects = [{"where": r["image"], "reason": r["reason"]} for r in output.rejects]
-    batches = [
-        k
-        for k in range((len(source) + batch_size - 1) // batch_size)
-        if any(it.id not in done for it in source.items[k * batch_size : (k + 1) * batch_size])
-    ]
     already = len(done) - len(earlier_rejects)
-    log(
-        f"caption: {len(source)} images, {len(batches)} batches of {batch_size} to compute"
-        + (f", {already} images already done" if already else "")
-    )
-    skips = SkipLog(strict, source.skipped + earlier_rejects)
-    for s in source.skipped:
-        log(f"caption: skipped {s['where']}: {s['reason']}")
-    written = 0
-    if batches:
+    batches = None if follow else len(_todo(source, batch_size, done))  # unknown for a pipe
+    if follow:
+        log(f"caption: reading standard input, batches of {batch_size}")
+    else:
+        log(
+            f"caption: {len(source)} images, {batches} batches of {batch_size} to compute"
+            + (f", {already} images already done" if already else "")
+        )
+    skips = SkipLog(strict, earlier_rejects)
+    written = images = first = 0
+    if batches != 0:
         if dev.type == "cpu":
             compute_threads(num_workers)
         captioner.eval().to(dev)
-        kwargs = {
-            "prompt": prompt or None,
-            "num_beams": num_beams,
-            "top_p": top_p,
-            "num_captions": num_captions,
-            "max_length": max_length,
-            "min_length": min_length,
-            "repetition_penalty": repetition_penalty,
-        }
-        write = output.write if output is not None else _stdout_writer()
-        loader = DataLoader(
-            ImageDataset(source, captioner.preprocess.transform()),
-            batch_sampler=GridBatches(batches, batch_size, len(source)),
-            num_workers=num_workers,
-            collate_fn=collate,
-            pin_memory=dev.type == "cuda",
-        )
-        try:
-            with progress("caption", total=len(batches)) as advance:
-                for k, batch in zip(batches, loader, strict=True):
+    kwargs = {
+        "prompt": prompt or None,
+        "num_beams": num_beams,
+        "top_p": top_p,
+        "num_captions": num_captions,
+        "max_length": max_length,
+        "min_length": min_length,
+        "repetition_penalty": repetition_penalty,
+    }
+    write = output.write if output is not None else _stdout_writer()
+    # Standard input comes in chunks of whole batches of the grid, the data's other sources in one.
+    chunks = follow_stdin(batch_size, split=split, strict=strict) if follow else [source]
+    try:
+        with progress("caption", total=batches) as advance:
+            for chunk in chunks:  # grid batches `first`, `first + 1`, ...
+                skips.add_entries(chunk.skipped)
+                for s in chunk.skipped:
+                    log(f"caption: skipped {s['where']}: {s['reason']}")
+                todo = _todo(chunk, batch_size, done)
+                loader = DataLoader(
+                    ImageDataset(chunk, captioner.preprocess.transform()),
+                    batch_sampler=GridBatches(todo, batch_size, len(chunk)),
+                    num_workers=num_workers if todo else 0,
+                    collate_fn=collate,
+                    pin_memory=dev.type == "cuda",
+                )
+                for k, batch in zip(todo, loader, strict=True):
                     skips.add(batch["skipped"])  # raises with --strict
-                    rejects = [_reject(source, s.index, s.reason) for s in batch["skipped"]]
+                    rejects = [_reject(chunk, s.index, s.reason) for s in batch["skipped"]]
                     for r in rejects:
                         log(f"caption: skipped {r['image']}: {r['reason']}")
                     rows = []
                     if batch["index"] is not None:
                         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-                            torch.manual_seed(batch_seed(seed, k))
+                            torch.manual_seed(batch_seed(seed, first + k))
                             with torch.inference_mode(), autocast(dev, amp):
                                 texts = captioner.generate(batch["image"].to(dev), **kwargs)
                         for i, caps in zip(batch["index"].tolist(), texts, strict=True):
-                            rows.append(_record(source, i, caps, num_captions))
+                            rows.append(_record(chunk, i, caps, num_captions))
                     written += write([r for r in rows if r["id"] not in done], rejects, done)
                     advance()
                     if on_batch is not None:
-                        on_batch(k)
-        except KeyboardInterrupt:
-            if output is not None:
-                log(f"caption: interrupted after {written} new captions; the same command finishes the rest")
-            raise
+                        on_batch(first + k)
+                images += len(chunk)
+                first += -(-len(chunk) // batch_size)
+    except KeyboardInterrupt:
+        if output is not None:
+            log(f"caption: interrupted after {written} new captions; the same command finishes the rest")
+        raise
     summary = {
         "model": model,
         "data": data,
         "split": split,
         "output": out,
         "precision": precision_name(amp),
-        "images": len(source),
+        "images": images,
         "captioned": written,
         "already_done": already,
         "skipped": skips.as_list(),
     }
     log(f"caption: {written} images captioned, {already} already done, {len(summary['skipped'])} skipped")
     return summary
+
+
+def _todo(source: ImageSource, batch_size: int, done: set[str]) -> list[int]:
+    """The batches of the grid over `source` that still hold an image not done."""
+    return [
+        k
+        for k in range(-(-len(source) // batch_size))
+        if any(it.id not in done for it in source.items[k * batch_size : (k + 1) * batch_size])
+    ]
 
 
 def batch_seed(seed: int, k: int) -> int:

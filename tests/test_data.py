@@ -15,7 +15,7 @@ from PIL import Image
 from cvfm.data.builtin import ANIMAL_CLASSES, _NumpyOnlyUnpickler, split_indices
 from cvfm.data.decode import DecodeError, decode_image
 from cvfm.data.loader import ImageDataset, SkipLog, Skipped, collate
-from cvfm.data.sources import DataError, open_source, subset
+from cvfm.data.sources import DataError, open_source, relabel, subset
 from cvfm.data.views import Preprocess, two_views
 from cvfm.errors import UsageError
 
@@ -210,6 +210,17 @@ def test_flat_folder_is_unlabelled(tmp_path, make_image):
     assert src.classes is None
     assert src.labels.tolist() == [-1, -1, -1]
     assert not src.has_labels
+
+
+def test_loose_images_stay_unlabelled_when_relabelled(image_folder, make_image):
+    """An image beside the class folders has no label: null to the user (`label_of`), and renumbering
+    the classes leaves it unlabelled instead of giving it the last class."""
+    make_image(image_folder / "loose.png")
+    src = open_source(str(image_folder))  # cat/0-2, dog/0-2, loose.png
+    assert [src.label_of(it) for it in src.items] == ["cat"] * 3 + ["dog"] * 3 + [None]
+    swapped = relabel(src, ["dog", "cat"], what="model")
+    assert swapped.labels.tolist() == [1, 1, 1, 0, 0, 0, -1]
+    assert [swapped.label_of(it) for it in swapped.items] == [src.label_of(it) for it in src.items]
 
 
 def test_folder_split_selects_sub_folder(tmp_path, make_image):

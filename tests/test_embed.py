@@ -31,8 +31,6 @@ from cvfm.runtime import precision as precision_module
 from cvfm.runtime.precision import resolve_precision
 
 ROOT = Path(__file__).resolve().parents[1]
-CLASSES = ("zero", "one", "two", "three")
-LABELS = {name: i for i, name in enumerate(sorted(CLASSES))}
 N_PAIRS = 23  # 3 parts of 10 (the last one short)
 
 
@@ -173,7 +171,9 @@ def test_json_lines_carry_the_same_rows_and_values(pairs, reference, capsys):
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert summary["rows"] == N_PAIRS and summary["parts"]["written"] == 3
     assert [r["id"] for r in rows] == reference["meta"]["id"]
-    assert set(rows[0]) == {"id", "label", "image_embedding", "text_embedding"}
+    meta = reference["meta"]  # each line carries the parquet metadata of its row
+    assert list(rows[0]) == [*meta, "image_embedding", "text_embedding"]
+    assert [[r[k] for k in meta] for r in rows] == [list(row) for row in zip(*meta.values(), strict=True)]
     np.testing.assert_allclose([r["image_embedding"] for r in rows], reference["image"], atol=1e-6)
     np.testing.assert_allclose([r["text_embedding"] for r in rows], reference["text"], atol=1e-6)
 
@@ -427,7 +427,7 @@ def test_texts_only(cli, tmp_path):
     assert r.code == 0 and summary["rows"] == 3 and summary["dims"] == {"text": 64}
     assert not (out / "img_emb").exists()
     got = _read(out, ("text",))
-    assert got["meta"] == {"id": ["t0", "t1", "t2"], "label": [-1, -1, -1], "caption": captions}
+    assert got["meta"] == {"id": ["t0", "t1", "t2"], "label": [None, None, None], "caption": captions}
     torch.manual_seed(0)
     dual = create_dual_encoder("cvfm/tiny-clip").eval()
     with torch.no_grad():
@@ -449,9 +449,9 @@ def test_stdin_paths_to_stdout_json_lines(digit_folder):
     assert p.returncode == 0, p.stderr
     rows = [json.loads(line) for line in p.stdout.splitlines()]  # every stdout line is data
     assert len(rows) == len(paths) == 32
-    assert [r["id"] for r in rows] == [f"<stdin>:{i}" for i in range(1, 33)]
+    assert [r["id"] for r in rows] == [r["image"] for r in rows] == paths  # a path is its own id
     for row in rows:
-        assert set(row) == {"id", "label", "image_embedding"}
+        assert set(row) == {"id", "image", "label", "image_embedding"} and row["label"] is None
         assert len(row["image_embedding"]) == 128
         assert np.linalg.norm(row["image_embedding"]) == pytest.approx(1.0, abs=1e-5)
     assert "embed:" in p.stderr and "{" not in p.stderr
@@ -466,7 +466,7 @@ def test_stdin_paths_to_stdout_json_lines(digit_folder):
         cwd=ROOT,
     )
     ids = [json.loads(line)["id"] for line in shard.stdout.splitlines()]
-    assert ids == [f"<stdin>:{i}" for i in [*range(11, 21), 31, 32]]
+    assert ids == [paths[i] for i in [*range(10, 20), 30, 31]]
     by_id = {r["id"]: r["image_embedding"] for r in rows}
     for line in shard.stdout.splitlines():
         r = json.loads(line)
@@ -557,8 +557,7 @@ def test_embed_folder_writes_aligned_npy_and_parquet(cli, digit_folder, tmp_path
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), np.ones(32), atol=1e-5)
     # Row i of the metadata describes row i of the embeddings: the folder's sorted order, labels by class.
     assert table["id"] == sorted(table["id"])
-    for image_id, label in zip(table["id"], table["label"], strict=True):
-        assert LABELS[image_id.split("/")[0]] == label
+    assert table["label"] == [image_id.split("/")[0] for image_id in table["id"]]  # the class folder
     assert all(Path(p).is_file() for p in table["image"])
 
     # Another model into the same folder is refused and leaves it as it was; --overwrite replaces it.
@@ -600,8 +599,8 @@ def test_embed_folder_to_stdout_as_json_lines(cli, digit_folder):
     rows = [json.loads(line) for line in r.lines]
     assert len(rows) == 32  # the embeddings only: no summary line mixed in
     for row in rows:
-        assert set(row) == {"id", "label", "image_embedding"}
-        assert LABELS[row["id"].split("/")[0]] == row["label"]
+        assert set(row) == {"id", "image", "label", "image_embedding"}
+        assert row["label"] == row["id"].split("/")[0]  # the class name
         assert len(row["image_embedding"]) == 128
         assert np.linalg.norm(row["image_embedding"]) == pytest.approx(1.0, abs=1e-5)
 

@@ -119,8 +119,8 @@ def test_stdin_bare_paths(tmp_path, make_image, monkeypatch):
     src = open_source("-")
     assert src.name == "<stdin>"
     assert [it.ref for it in src.items] == [str(tmp_path / "imgs" / "a.png"), str(absolute)]
-    assert [it.id for it in src.items] == ["<stdin>:1", "<stdin>:3"]
-    assert src.labels.tolist() == [-1, -1]
+    assert [it.id for it in src.items] == ["imgs/a.png", str(absolute)]  # a path is its own id
+    assert [src.label_of(it) for it in src.items] == [None, None]
     assert src.load(0).getpixel((0, 0)) == (1, 2, 3)
     assert src.load(1).getpixel((0, 0)) == (4, 5, 6)
 

@@ -11,6 +11,7 @@ is refused unless `overwrite`.
 
 from __future__ import annotations
 
+import codecs
 import json
 import sys
 from collections.abc import Iterator
@@ -65,9 +66,12 @@ def default_rejects(out: str) -> str:
 
 
 def read_lines(stream: IO[bytes]) -> Iterator[tuple[int, str]]:
-    """(1-based line number, text) of each non-blank line; bytes that are not UTF-8 are kept as
-    surrogate escapes (a reject's "input" then round-trips through Python's json)."""
+    """(1-based line number, text) of each non-blank line, a byte-order mark at the start dropped;
+    bytes that are not UTF-8 are kept as surrogate escapes (a reject's "input" then round-trips through
+    Python's json)."""
     for n, data in enumerate(stream, start=1):
+        if n == 1:
+            data = data.removeprefix(codecs.BOM_UTF8)
         text = data.decode("utf-8", "surrogateescape").rstrip("\r\n")
         if text.strip():
             yield n, text

@@ -1,8 +1,10 @@
 """`capfilt(...)`: the library call behind `cvfm capfilt` (BLIP's CapFilt over a JSONL of pairs).
 
-The main process reads the input line by line and hands batches of parsed lines to a DataLoader whose
-workers decode and preprocess the images; the models then caption a whole batch at once and score all
-of its captions in one ITM pass. Results are written batch by batch (output records, then rejects).
+The input is read as it arrives (`arrived`: a pipe's lines are filtered while its writer still writes),
+and each chunk of lines goes in batches of parsed lines to a DataLoader whose workers decode and
+preprocess the images; the models then caption a whole batch at once and score all of its captions in
+one ITM pass. Results are written batch by batch (output records, then rejects); they do not depend on
+how the lines were batched.
 """
 
 from __future__ import annotations
@@ -20,13 +22,15 @@ from cvfm.capfilt import io
 from cvfm.capfilt.models import itm_scores, sample_captions
 from cvfm.capfilt.rules import Tally, filter_captions
 from cvfm.data.decode import DecodeError, decode_image
+from cvfm.data.stream import arrived
+from cvfm.data.text import own_stdin
 from cvfm.errors import UsageError
 from cvfm.runtime.precision import autocast, precision_name, resolve_precision
 from cvfm.runtime.progress import log
 
 
 class _Batches:
-    """The batch sampler: batches of `Job`s read lazily from the input, lines already done skipped."""
+    """Batches of `Job`s of input lines (a DataLoader batch sampler), lines already done skipped."""
 
     def __init__(self, lines: Iterator[tuple[int, str]], parse: Callable, done: dict, out: str, size: int):
         self.lines, self.parse, self.done, self.out, self.size = lines, parse, done, out, size
@@ -186,21 +190,13 @@ def capfilt(
     written = 0
     with ExitStack() as stack:
         if inp == "-":
-            stream, base, name = sys.stdin.buffer, Path.cwd(), "<stdin>"
+            stream, base, name = own_stdin(binary=True), Path.cwd(), "<stdin>"
         else:
             stream, base, name = stack.enter_context(open(inp, "rb")), Path(inp).parent, Path(inp).name
 
         def parse(n: int, raw: str) -> io.Job:
             return io.parse(n, raw, base, name, image_column, text_column)
 
-        sampler = _Batches(io.read_lines(stream), parse, done, out, batch_size)
-        loader = DataLoader(
-            images,
-            batch_sampler=sampler,
-            num_workers=num_workers,
-            collate_fn=_collate,
-            pin_memory=dev.type == "cuda",
-        )
         sink = io.Sink(None, sys.stdout) if to_stdout else io.Sink(out)
         bad = io.Sink(rejects) if rejects else io.Sink(None, sys.stderr)
         stack.callback(sink.close)
@@ -218,20 +214,31 @@ def capfilt(
             max_length=max_length,
             min_length=min_length,
         )
+        batch = 0
         try:
-            for i, (jobs, cap_px, itm_px) in enumerate(loader):
-                records, failed = _filter_batch(
-                    jobs, cap_px, itm_px, cap_model, itm_model, dev, amp, threshold, gen
+            for lines in arrived(io.read_lines(stream), limit=64 * batch_size):
+                batches = list(_Batches(iter(lines), parse, done, out, batch_size))
+                loader = DataLoader(
+                    images,
+                    batch_sampler=batches,
+                    num_workers=num_workers if batches else 0,  # a resumed run skips done lines
+                    collate_fn=_collate,
+                    pin_memory=dev.type == "cuda",
                 )
-                sink.write(records)
-                bad.write(failed)
-                for r in records:
-                    tally.add_record(r)
-                for r in failed:
-                    tally.add_reject(r)
-                written += len(records) + len(failed)
-                if on_batch is not None:
-                    on_batch(i)
+                for jobs, cap_px, itm_px in loader:
+                    records, failed = _filter_batch(
+                        jobs, cap_px, itm_px, cap_model, itm_model, dev, amp, threshold, gen
+                    )
+                    sink.write(records)
+                    bad.write(failed)
+                    for r in records:
+                        tally.add_record(r)
+                    for r in failed:
+                        tally.add_reject(r)
+                    written += len(records) + len(failed)
+                    if on_batch is not None:
+                        on_batch(batch)
+                    batch += 1
         except KeyboardInterrupt:
             if not to_stdout:
                 log(f"capfilt: interrupted after {written} new lines; the same command finishes the rest")

@@ -1,19 +1,49 @@
-"""The `cvfm` command: a thin Typer layer over the library. Data goes to stdout, logs to stderr."""
+"""The `cvfm` command: a thin Typer layer over the library. Data goes to stdout, logs to stderr.
+
+Exit status: 0 done (also when the reader of stdout stopped early, as in `cvfm ... -o - | head -1`),
+1 runtime failure, 2 usage error, 130 interrupted.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import stat
 import sys
 
 import typer
+from typer.core import TyperGroup
 
 import cvfm
 from cvfm.errors import CvfmError
 
+
+class _Group(TyperGroup):
+    """The root group: a reader of stdout that stops early ends the command quietly, with status 0.
+    (Click would exit 1: it turns every broken pipe into a failure.)"""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            if not _stdout_is_pipe():
+                raise  # some other pipe broke: a failure
+            # The interpreter flushes stdout once more on exit: let that write go nowhere.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(0) from None
+
+
+def _stdout_is_pipe() -> bool:
+    try:
+        return stat.S_ISFIFO(os.fstat(sys.stdout.fileno()).st_mode)
+    except (OSError, ValueError):  # no file descriptor (captured output)
+        return False
+
+
 app = typer.Typer(
     name="cvfm",
+    cls=_Group,
     help="Computer-vision foundation models from the command line: pre-train, fine-tune, embed, caption, "
     "evaluate.",
     no_args_is_help=True,
@@ -87,10 +117,6 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("cvfm: interrupted", err=True)
         sys.exit(130)
-    except BrokenPipeError:  # the reader stopped early (`cvfm ... -o - | head -1`): not an error of ours
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not fail again
-        sys.exit(0)
 
 
 _register()

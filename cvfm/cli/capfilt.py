@@ -55,7 +55,8 @@ def capfilt(
     Each output line is the input record plus "line", "captions" (kept, web first) and "scores" (every
     caption: source, itm, kept, and the reason of a drop). Every input line lands in the output or the
     rejects file. Rerunning the same command resumes a file output; a summary (counts, drop reasons,
-    ITM histogram) goes to stderr, and with a file output also as one JSON line to stdout.
+    ITM histogram) goes to stderr, and with a file output also as one JSON line to stdout. Lines are
+    filtered as they arrive: with --in -, records come out while the writer of stdin is still writing.
 
     Examples:
 

@@ -49,7 +49,8 @@ def caption(
 
     Beam search by default; --top-p samples (seeded per batch by --seed, so a rerun gives the same
     captions). With -o FILE a rerun of the same command resumes: complete lines are kept, the rest is
-    computed; FILE.json records the settings, FILE.rejects the unreadable images.
+    computed; FILE.json records the settings, FILE.rejects the unreadable images. With --data - -o -
+    the lines on stdin are captioned as they arrive, a batch as soon as its lines are there.
 
     Examples:
 

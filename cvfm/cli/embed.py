@@ -48,6 +48,11 @@ def embed(
     """Embed images and/or texts: img_emb/img_emb_{p}.npy, text_emb/text_emb_{p}.npy and
     metadata/metadata_{p}.parquet per part of --part-size rows (same row order), or JSON lines with -o -.
 
+    Each JSON line holds a row's metadata (id, image path, label: the class name, or null when unknown;
+    caption) and its image_embedding / text_embedding. With --data - -o - the lines on stdin are embedded
+    as they arrive, a batch as soon as its lines are there; -o FOLDER reads all of stdin first. A line
+    holding a path is identified by that path.
+
     A rerun of the same command resumes: parts already written are kept, the rest is computed. Under
     `accelerate launch` the processes split the parts; --shard-id/--num-shards split them across jobs.
 
@@ -86,15 +91,17 @@ def embed(
     )
     if int(os.environ.get("RANK", "0")) != 0:  # one summary per launch, from the first process
         return
-    parts = summary["parts"]
+    parts, skipped = summary["parts"], len(summary["skipped"])
+    if output == "-":
+        log(f"embed: {summary['rows']} rows, {skipped} skipped")
+        return
     log(
         f"embed: {summary['rows']} rows, {parts['written']} parts written, {parts['already_done']} already "
-        f"done, {len(summary['skipped'])} skipped"
+        f"done, {skipped} skipped"
     )
-    if output != "-":
-        from cvfm.cli.app import emit
+    from cvfm.cli.app import emit
 
-        emit(summary)
+    emit(summary)
 
 
 def register(app: typer.Typer) -> None:

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from collections.abc import Iterable
 from pathlib import Path
 
 from cvfm.data.sources import ImageSource, subset
+from cvfm.data.text import read_lines
 from cvfm.errors import UsageError
 from cvfm.runtime.progress import log
 
@@ -22,14 +22,14 @@ def read_ids(path: str) -> list[str]:
     """The ids listed in `path`: a text file (one id per line), a `.jsonl` file (each line's "id"), or
     "-" for standard input (JSONL when its first line is a JSON object). Blank lines are ignored."""
     if path == "-":
-        lines, name, jsonl = sys.stdin.read().splitlines(), "<stdin>", None
+        name, jsonl = "<stdin>", None
     else:
         file = Path(path)
         if not file.is_file():
             raise UsageError(f"ids file '{path}' does not exist (expected one id per line, or a .jsonl file)")
-        lines, name, jsonl = file.read_text(encoding="utf-8").splitlines(), path, file.suffix == ".jsonl"
+        name, jsonl = path, file.suffix == ".jsonl"
     ids = []
-    for lineno, line in enumerate(lines, start=1):
+    for lineno, line in enumerate(read_lines(path), start=1):
         line = line.strip()
         if not line:
             continue

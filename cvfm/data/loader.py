@@ -75,7 +75,13 @@ class SkipLog:
 
     def __init__(self, strict: bool = False, earlier: list[dict] | None = None):
         self.strict = strict
-        self.entries: dict[str, str] = {e["where"]: e["reason"] for e in earlier or []}
+        self.entries: dict[str, str] = {}
+        self.add_entries(earlier or [])
+
+    def add_entries(self, entries: list[dict]) -> None:
+        """Problems found before decoding (malformed lines, earlier runs' rejects): {"where", "reason"}."""
+        for e in entries:
+            self.entries.setdefault(e["where"], e["reason"])
 
     def add(self, skipped: list[Skipped]) -> None:
         for s in skipped:

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,8 @@ import numpy as np
 from PIL import Image
 
 from cvfm.data.decode import DecodeError, decode_image
+from cvfm.data.stream import arrived
+from cvfm.data.text import ENCODING, own_stdin, stdin_lines
 from cvfm.errors import CvfmError, UsageError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
@@ -29,10 +30,13 @@ class DataError(CvfmError):
     """Bad data found while reading a source (with --strict, or when nothing is left to use)."""
 
 
+UNLABELLED = -1  # an item's label when the data gives none (written as null)
+
+
 @dataclass(frozen=True)
 class Item:
-    """One record: a stable id, a label index (-1 when unknown), where to read the image from (None for
-    text-only records) and, for image-text data, its text (one caption, or several)."""
+    """One record: a stable id, a label index (UNLABELLED when unknown), where to read the image from
+    (None for text-only records) and, for image-text data, its text (one caption, or several)."""
 
     id: str
     label: int
@@ -68,6 +72,12 @@ class ImageSource:
 
     def load(self, i: int) -> Image.Image:
         return decode_image(self.items[i].ref)
+
+    def label_of(self, item: Item) -> str | int | None:
+        """The label as the data names it: the class name, else the integer; None when unknown."""
+        if item.label == UNLABELLED:
+            return None
+        return self.classes[item.label] if self.classes and item.label < len(self.classes) else item.label
 
     def describe(self) -> dict:
         return {"name": self.name, "images": len(self), "classes": self.classes, "skipped": self.skipped}
@@ -116,12 +126,9 @@ def open_source(
     built-in split. `text_column` adds each record's text (JSONL field or HF column); `images=False`
     reads text-only records. An empty result is a usage error.
     """
-    if not images and text_column is None:
-        raise UsageError("a source without images needs a text column (--text-column)")
+    _check_columns(images, text_column)
     if spec == "-":
-        source = _read_manifest(
-            sys.stdin, "<stdin>", Path.cwd(), split, strict, text_column, images, bare_paths=True
-        )
+        source = _Manifest.stdin(split, strict, text_column, images).read(stdin_lines())
     elif spec.startswith("builtin:"):
         from cvfm.data.builtin import open_builtin
 
@@ -142,16 +149,53 @@ def open_source(
                 )
             source = _open_folder(path, split)
         elif path.suffix == ".jsonl":
-            with open(path, encoding="utf-8") as f:
-                source = _read_manifest(f, str(path), path.parent, split, strict, text_column, images)
+            with open(path, encoding=ENCODING) as f:
+                source = _Manifest(str(path), path.parent, split, strict, text_column, images).read(f)
         else:
             raise UsageError(f"data source '{spec}' is a file but not a .jsonl manifest")
     if len(source) == 0:
-        where = f" (split '{split}')" if split else ""
-        raise UsageError(f"data source '{spec}'{where} holds no {'images' if images else 'records'}")
+        raise _empty(spec, split, images)
     if not images:
         source.has_images = False
     return source
+
+
+def follow_stdin(
+    batch_size: int,
+    *,
+    split: str | None = None,
+    text_column: str | None = None,
+    images: bool = True,
+    strict: bool = False,
+) -> Iterator[ImageSource]:
+    """Standard input, read as `open_source("-")` reads it, in sources of whole batches of `batch_size`
+    items, each yielded as soon as its lines are there while the producer may still be writing: every
+    whole batch that has arrived, then at the end the rest. Row i of the concatenated sources is row i of
+    `open_source("-")`. An input without items is a usage error at its end."""
+    _check_columns(images, text_column)
+    manifest = _Manifest.stdin(split, strict, text_column, images)
+    rows: list[tuple] = []
+    found = False
+    for lines in arrived(enumerate(own_stdin(), start=1), limit=64 * batch_size):
+        rows += [r for n, line in lines if (r := manifest.row(n, line)) is not None]
+        whole = len(rows) - len(rows) % batch_size
+        if whole:
+            yield manifest.source(rows[:whole])
+            rows, found = rows[whole:], True
+    if not rows and not found:
+        manifest.check_found()
+        raise _empty("-", split, images)
+    yield manifest.source(rows)  # the last short batch, and the lines skipped since the previous
+
+
+def _check_columns(images: bool, text_column: str | None) -> None:
+    if not images and text_column is None:
+        raise UsageError("a source without images needs a text column (--text-column)")
+
+
+def _empty(spec: str, split: str | None, images: bool) -> UsageError:
+    where = f" (split '{split}')" if split else ""
+    return UsageError(f"data source '{spec}'{where} holds no {'images' if images else 'records'}")
 
 
 def _open_folder(root: Path, split: str | None) -> ImageSource:
@@ -165,63 +209,87 @@ def _open_folder(root: Path, split: str | None) -> ImageSource:
     items = []
     for p in files:
         rel = p.relative_to(root)
-        label = index[rel.parts[0]] if len(rel.parts) > 1 else -1
+        label = index[rel.parts[0]] if len(rel.parts) > 1 else UNLABELLED
         items.append(Item(id=rel.as_posix(), label=label, ref=str(p)))
     return ImageSource(name=str(root), items=items, classes=class_dirs or None)
 
 
-def _read_manifest(
-    lines,
-    name: str,
-    base: Path,
-    split: str | None,
-    strict: bool,
-    text_column: str | None,
-    images: bool,
-    bare_paths: bool = False,
-) -> ImageSource:
-    """Read `{"id", "image", "label", "split"?, <text_column>?}` lines (with `bare_paths`, a line that is
-    not a JSON object is an image path); image paths are relative to `base`."""
-    rows, skipped, class_names, first_fields = [], [], set(), None
-    for lineno, line in enumerate(lines, start=1):
+class _Manifest:
+    """Reads `{"id", "image", "label", "split"?, <text_column>?}` lines one at a time (with `bare_paths`,
+    a line that is not a JSON object is an image path, and its id); image paths are relative to `base`.
+    Malformed lines are kept in `skipped` (raised with `strict`)."""
+
+    def __init__(self, name, base, split, strict, text_column, images, bare_paths=False):
+        self.name, self.base, self.split, self.strict = name, base, split, strict
+        self.text_column, self.images, self.bare_paths = text_column, images, bare_paths
+        self.skipped: list[dict] = []
+        self.class_names: set[str] = set()  # of every split, so train and test share one numbering
+        self.first_fields: list[str] | None = None
+        self._reported = 0
+
+    @classmethod
+    def stdin(cls, split, strict, text_column, images) -> _Manifest:
+        """Standard input: paths relative to the working directory, bare paths allowed."""
+        return cls("<stdin>", Path.cwd(), split, strict, text_column, images, bare_paths=True)
+
+    def read(self, lines) -> ImageSource:
+        """Every line as one source."""
+        rows = [r for n, line in enumerate(lines, start=1) if (r := self.row(n, line)) is not None]
+        if not rows:
+            self.check_found()
+        return self.source(rows)
+
+    def row(self, lineno: int, line: str) -> tuple | None:
+        """(id, label, ref, text) of one line; None for a blank, malformed or other split's line."""
         if not line.strip():
-            continue
-        if first_fields is None and line.lstrip().startswith("{"):
-            first_fields = _fields(line)
+            return None
+        if self.first_fields is None and line.lstrip().startswith("{"):
+            self.first_fields = _fields(line)
         try:
-            rec = _parse_record(line, images, text_column, bare_paths)
+            rec = _parse_record(line, self.images, self.text_column, self.bare_paths)
         except ValueError as e:
-            problem = {"where": f"{name}:{lineno}", "reason": f"malformed JSONL line: {e}"}
-            if strict:
+            problem = {"where": f"{self.name}:{lineno}", "reason": f"malformed JSONL line: {e}"}
+            if self.strict:
                 raise DataError(f"{problem['where']}: {problem['reason']}") from None
-            skipped.append(problem)
-            continue
+            self.skipped.append(problem)
+            return None
         label = rec["label"]
-        if isinstance(label, str):  # names of every split, so train and test share one mapping
-            class_names.add(label)
-        if split is not None and rec.get("split") != split:
-            continue
+        if isinstance(label, str):
+            self.class_names.add(label)
+        if self.split is not None and rec.get("split") != self.split:
+            return None
         ref = None
-        if images:
+        if self.images:
             image = Path(rec["image"])
-            ref = str(image if image.is_absolute() else base / image)
-        text = rec.get(text_column) if text_column else None
-        rows.append((str(rec.get("id", f"{Path(name).name}:{lineno}")), label, ref, text))
-    if not rows and text_column is not None and skipped and all(text_column in p["reason"] for p in skipped):
-        fields = ", ".join(first_fields) if first_fields else "no fields"
-        raise UsageError(
-            f"manifest '{name}' has no text column '{text_column}' (its records have: {fields}); "
-            "set --text-column"
-        )
-    if split is not None and not rows:
-        raise UsageError(f'manifest \'{name}\' has no lines with "split": "{split}" ({SPLITS_NOTE})')
-    classes = sorted(class_names) or None  # sorted, like class sub-folders
-    index = {c: i for i, c in enumerate(classes or [])}
-    items = [
-        Item(id=i, label=index[lab] if isinstance(lab, str) else lab, ref=ref, text=text)
-        for i, lab, ref, text in rows
-    ]
-    return ImageSource(name=name, items=items, classes=classes, skipped=skipped, has_images=images)
+            ref = str(image if image.is_absolute() else self.base / image)
+        text = rec.get(self.text_column) if self.text_column else None
+        return str(rec.get("id", f"{Path(self.name).name}:{lineno}")), label, ref, text
+
+    def source(self, rows: list[tuple]) -> ImageSource:
+        """`rows` as a source; string labels numbered by sorted class name; the lines skipped since the
+        last call in `skipped`."""
+        classes = sorted(self.class_names) or None  # sorted, like class sub-folders
+        index = {c: i for i, c in enumerate(classes or [])}
+        items = [
+            Item(id=i, label=index[lab] if isinstance(lab, str) else lab, ref=ref, text=text)
+            for i, lab, ref, text in rows
+        ]
+        skipped, self._reported = self.skipped[self._reported :], len(self.skipped)
+        return ImageSource(self.name, items, classes=classes, skipped=skipped, has_images=self.images)
+
+    def check_found(self) -> None:
+        """Name what is wrong when no line gave a row (a missing text column, a split absent)."""
+        column = self.text_column
+        if column is not None and self.skipped and all(column in p["reason"] for p in self.skipped):
+            fields = ", ".join(self.first_fields) if self.first_fields else "no fields"
+            raise UsageError(
+                f"manifest '{self.name}' has no text column '{column}' (its records have: {fields}); "
+                "set --text-column"
+            )
+        if self.split is not None:
+            raise UsageError(
+                f'manifest \'{self.name}\' has no lines with "split": "{self.split}" ({SPLITS_NOTE})'
+            )
 
 
 def _fields(line: str) -> list[str]:
@@ -239,7 +307,7 @@ def _parse_record(line: str, images: bool, text_column: str | None, bare_paths: 
     if bare_paths and not stripped.startswith("{"):  # `find . -name '*.jpg' | cvfm embed ... -`
         if text_column is not None or not images:
             raise ValueError(f'expected a JSON object with a "{text_column}" field')
-        return {"image": stripped, "label": -1}
+        return {"id": stripped, "image": stripped, "label": UNLABELLED}
     rec = json.loads(stripped)
     if not isinstance(rec, dict):
         raise ValueError("expected a JSON object")
@@ -248,7 +316,7 @@ def _parse_record(line: str, images: bool, text_column: str | None, bare_paths: 
     if text_column is not None:
         rec[text_column] = _check_text(rec.get(text_column), text_column)
     label = rec.get("label")
-    label = -1 if label is None else label
+    label = UNLABELLED if label is None else label
     if isinstance(label, float) and label.is_integer():
         label = int(label)
     if isinstance(label, bool) or not isinstance(label, (int, str)):
@@ -307,7 +375,7 @@ def _open_hf(
             raise UsageError(
                 f"dataset '{name}' has no label column '{label_column}' (columns: {', '.join(columns)})"
             )
-        labels, classes = [-1] * len(ds), None
+        labels, classes = [UNLABELLED] * len(ds), None
     else:
         feature = ds.features[label_column]
         classes = list(getattr(feature, "names", None) or []) or None
@@ -316,7 +384,7 @@ def _open_hf(
             classes = sorted(set(values))
             labels = [classes.index(v) for v in values]
         else:
-            labels = [-1 if v is None else int(v) for v in values]
+            labels = [UNLABELLED if v is None else int(v) for v in values]
     texts = [None] * len(ds)
     if text_column is not None:
         try:
@@ -356,6 +424,9 @@ def relabel(source: ImageSource, classes: list[str] | None, *, what: str) -> Ima
     if missing:
         raise UsageError(f"classes of '{source.name}' unknown to the {what}: {', '.join(missing[:5])}")
     view = copy.copy(source)
-    view.items = [replace(it, label=index[source.classes[it.label]]) for it in source.items]
+    view.items = [
+        it if it.label == UNLABELLED else replace(it, label=index[source.classes[it.label]])
+        for it in source.items
+    ]
     view.classes = list(classes)
     return view

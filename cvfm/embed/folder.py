@@ -4,6 +4,7 @@
     img_emb/img_emb_{p}.npy           (n_p, D) image embeddings of part p
     text_emb/text_emb_{p}.npy         (n_p, D) text embeddings of part p (same rows)
     metadata/metadata_{p}.parquet     id, image, label, caption: row i describes row i of the arrays
+                                      (label: the class name, or the integer; null when unknown)
 
 Each file is written by rename, arrays first and the metadata last: a part counts as done only when its
 metadata exists and carries the fingerprint of the current configuration (in the parquet schema
@@ -131,9 +132,15 @@ class EmbedFolder:
         return info
 
     def write_part(
-        self, part: int, arrays: dict[str, np.ndarray], columns: dict, skipped: list[dict]
+        self,
+        part: int,
+        arrays: dict[str, np.ndarray],
+        columns: dict,
+        skipped: list[dict],
+        types: dict[str, str] | None = None,
     ) -> None:
-        """Write part `part`: the arrays, then (last, as the completion mark) its metadata."""
+        """Write part `part`: the arrays, then (last, as the completion mark) its metadata (columns typed
+        by COLUMN_TYPES, or `types` where given)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -144,7 +151,7 @@ class EmbedFolder:
                 self.file(kind, part).unlink(missing_ok=True)
         rows = len(next(iter(columns.values())))
         info = {"part": part, "config": self.fingerprint, "rows": rows, "skipped": skipped}
-        types = {k: pa.type_for_alias(COLUMN_TYPES[k]) for k in columns}
+        types = {k: pa.type_for_alias({**COLUMN_TYPES, **(types or {})}[k]) for k in columns}
         table = pa.table({k: pa.array(v, type=types[k]) for k, v in columns.items()})
         table = table.replace_schema_metadata({META_KEY: json.dumps(info).encode()})
         atomic_write(self.file("metadata", part), lambda p: pq.write_table(table, p))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ from torch.utils.data import DataLoader
 
 import cvfm
 from cvfm.data.loader import ImageDataset, SkipLog, collate
-from cvfm.data.sources import ImageSource, open_source
+from cvfm.data.sources import ImageSource, follow_stdin, open_source
 from cvfm.embed.folder import EmbedFolder
 from cvfm.embed.plan import PartBatchSampler, Plan, check_shard
 from cvfm.embed.processes import Processes
@@ -77,19 +78,28 @@ def embed(
         raise UsageError("-o - under several processes would interleave their lines: write to a folder")
     if procs.world > 1 and data == "-":
         raise UsageError("--data - (stdin) reaches one process only: use a manifest file with several")
-    source = open_source(
-        data,
-        split=split,
-        image_column=image_column,
-        label_column=label_column,
-        text_column=text_column,
-        images=images,
-        strict=strict,
-    )
-    if texts:
-        _check_one_text_per_row(source, text_column)
     dev = torch.device(device) if device else (procs.device or _default_device())
     amp = resolve_precision(precision, dev)
+    loop = {"num_workers": num_workers, "normalize": normalize}
+    summary = {
+        "model": model,
+        "data": data,
+        "split": split,
+        "output": output,
+        "precision": precision_name(amp),
+    }
+    opened = {"split": split, "text_column": text_column, "images": images, "strict": strict}
+    if data == "-" and to_stdout and num_shards == 1:
+        towers = load_towers(
+            model, images=images, texts=texts, pretrained=pretrained, trust_remote_code=trust_remote_code
+        )
+        chunks = follow_stdin(batch_size, **opened)
+        return _embed_followed(
+            towers, chunks, text_column, dev, amp, strict, on_part, summary, batch_size=batch_size, **loop
+        )
+    source = open_source(data, image_column=image_column, label_column=label_column, **opened)
+    if texts:
+        _check_one_text_per_row(source, text_column)
     plan = Plan(len(source), part_size)
     owned = plan.owned(shard_id, num_shards, procs.rank, procs.world)
     modalities = ("image",) * images + ("text",) * texts
@@ -148,7 +158,6 @@ def embed(
         if dev.type == "cpu":
             compute_threads(num_workers, procs.world)
         log(f"embed: {len(todo)} parts to compute on {dev} ({precision_name(amp)})")
-        loop = {"num_workers": num_workers, "normalize": normalize}
         skips = SkipLog(strict, source.skipped)
         try:
             _embed_parts(
@@ -161,11 +170,7 @@ def embed(
             raise
         written = writer.written
     summary = {
-        "model": model,
-        "data": data,
-        "split": split,
-        "output": output,
-        "precision": precision_name(amp),
+        **summary,
         "rows": sum(r["rows"] for r in [*done.values(), *written]),
         "dims": dims,
         "parts": {
@@ -179,6 +184,42 @@ def embed(
     summaries = procs.gather(summary)
     procs.close()
     return merge_summaries(summaries)
+
+
+def _embed_followed(
+    towers: Towers,
+    chunks: Iterator[ImageSource],
+    text_column: str | None,
+    device: torch.device,
+    amp: torch.dtype | None,
+    strict: bool,
+    on_part,
+    summary: dict,
+    *,
+    batch_size: int,
+    **loop,
+) -> dict:
+    """Embed standard input as it arrives (`follow_stdin`) to JSON lines: each chunk of whole batches
+    is a part, embedded as soon as it is there."""
+    if device.type == "cpu":
+        compute_threads(loop["num_workers"])
+    log(f"embed: reading standard input, batches of {batch_size}, on {device} ({precision_name(amp)})")
+    skips, lines_skipped, rows, parts = SkipLog(strict), [], 0, 0
+    for part, source in enumerate(chunks):
+        lines_skipped += source.skipped
+        if len(source) == 0:  # the end of the input: nothing but skipped lines since the last part
+            continue
+        if text_column is not None:
+            _check_one_text_per_row(source, text_column)
+        sampler = PartBatchSampler(Plan(len(source), len(source)), [0], batch_size)
+        writer = JsonLinesWriter(source)
+        _embed_parts(towers, source, sampler, writer, device, amp, skips, **loop)
+        rows, parts = rows + writer.written[0]["rows"], parts + 1
+        if on_part is not None:
+            on_part(part)
+    counts = {"total": parts, "owned": parts, "written": parts, "already_done": 0}
+    skipped = _unique(lines_skipped + skips.as_list())
+    return {**summary, "rows": rows, "dims": towers.dims, "parts": counts, "skipped": skipped}
 
 
 def rows_digest(source: ImageSource, images: bool) -> str:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from cvfm.data.sources import ImageSource
+from cvfm.data.sources import UNLABELLED, ImageSource, Item
 from cvfm.embed.folder import EmbedFolder
 from cvfm.runtime.progress import log
 
@@ -42,7 +42,9 @@ class PartWriter:
     def finish(self, part: int, skipped: list[dict]) -> None:
         empty = {m: np.zeros((0, d), np.float32) for m, d in self.dims.items()}
         arrays = {m: np.concatenate(c or [empty[m]]).astype(self.dtype) for m, c in self.arrays.items()}
-        self.folder.write_part(part, arrays, metadata_columns(self.source, self.rows, self.dims), skipped)
+        columns = metadata_columns(self.source, self.rows, self.dims)
+        types = {"label": "string" if self.source.classes else "int64"}  # every part alike
+        self.folder.write_part(part, arrays, columns, skipped, types)
         self.written.append({"part": part, "rows": len(self.rows), "skipped": skipped})
         of = f"/{self.num_parts}" if self.num_parts else ""
         log(f"embed: part {part}{of} written ({len(self.rows)} rows, {len(skipped)} skipped)")
@@ -52,7 +54,8 @@ class PartWriter:
 
 
 class JsonLinesWriter:
-    """Streams `{"id", "label", "image_embedding"?, "text_embedding"?}` lines, batch by batch."""
+    """Streams JSON lines batch by batch: the metadata of a row (`metadata_record`) and its
+    `image_embedding` and/or `text_embedding`."""
 
     def __init__(self, source: ImageSource, stream=None, on_part: Callable[[int], None] | None = None):
         self.source, self.stream, self.on_part = source, stream, on_part
@@ -63,8 +66,7 @@ class JsonLinesWriter:
         stream = self.stream or sys.stdout
         lists = {m: a.tolist() for m, a in arrays.items()}
         for j, i in enumerate(rows):
-            item = self.source.items[i]
-            record = {"id": item.id, "label": item.label}
+            record = metadata_record(self.source, self.source.items[i], lists)
             record.update({f"{m}_embedding": v[j] for m, v in lists.items()})
             stream.write(json.dumps(record) + "\n")
         stream.flush()
@@ -77,13 +79,20 @@ class JsonLinesWriter:
             self.on_part(part)
 
 
+def metadata_record(source: ImageSource, item: Item, modalities) -> dict:
+    """What describes an embedded row: id, image (its path, or the id of an in-memory image), label (the
+    class name where the data names its classes, null when unknown), caption (when texts are embedded)."""
+    record = {"id": item.id}
+    if "image" in modalities:
+        record["image"] = item.ref if isinstance(item.ref, str) else item.id
+    record["label"] = source.label_of(item)
+    if "text" in modalities:
+        record["caption"] = item.text
+    return record
+
+
 def metadata_columns(source: ImageSource, rows: list[int], dims: dict[str, int]) -> dict[str, list]:
-    """id, image (path, or the id for in-memory images), label, caption: one entry per embedded row."""
-    items = [source.items[i] for i in rows]
-    columns: dict[str, list] = {"id": [it.id for it in items]}
-    if "image" in dims:
-        columns["image"] = [it.ref if isinstance(it.ref, str) else it.id for it in items]
-    columns["label"] = [it.label for it in items]
-    if "text" in dims:
-        columns["caption"] = [it.text for it in items]
-    return columns
+    """The `metadata_record` fields as columns, one entry per embedded row."""
+    empty = Item(id="", label=UNLABELLED, ref=None)
+    records = [metadata_record(source, source.items[i], dims) for i in rows]
+    return {k: [r[k] for r in records] for k in metadata_record(source, empty, dims)}

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cvfm.data.text import read_lines
 from cvfm.errors import UsageError
 from cvfm.models.dual import DualEncoder
 from cvfm.runtime.precision import autocast
@@ -82,7 +83,7 @@ def read_templates(value: str) -> tuple[str, ...]:
     """`--templates`: a file with one template per line, or a single template holding `{c}`."""
     path = Path(value)
     if path.is_file():
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        lines = [line.strip() for line in read_lines(path)]
         return check_templates([line for line in lines if line], where=f"template in '{value}'")
     if PLACEHOLDER in value:
         return (value,)
@@ -95,7 +96,7 @@ def read_classnames(value: str) -> list[str]:
     """`--classnames`: a file with one name per line (in label order), or comma-separated names."""
     path = Path(value)
     if path.is_file():
-        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        names = [line.strip() for line in read_lines(path)]
         names = [n for n in names if n]
     elif "," not in value and path.suffix.lower() in (".txt", ".csv", ".tsv", ".lst"):
         raise UsageError(f"classnames file '{value}' does not exist")

@@ -14,6 +14,7 @@ import json
 import os
 from pathlib import Path
 
+from cvfm.data.text import ENCODING
 from cvfm.errors import CvfmError, UsageError
 from cvfm.runtime.progress import log
 
@@ -29,7 +30,7 @@ class Ledger:
         if not self.path.exists():
             return []
         out = []
-        with open(self.path, encoding="utf-8") as f:
+        with open(self.path, encoding=ENCODING) as f:
             for lineno, line in enumerate(f, start=1):
                 if not line.strip():
                     continue

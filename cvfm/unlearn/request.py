@@ -18,6 +18,7 @@ import numpy as np
 
 from cvfm.data.exclude import ids_sha256, read_ids
 from cvfm.data.sources import HFSource, ImageSource, subset
+from cvfm.data.text import ENCODING
 from cvfm.errors import UsageError
 
 
@@ -178,7 +179,7 @@ def _record_fields(source: ImageSource, fields: set[str]) -> dict[str, dict]:
             "(other fields come from a JSONL manifest or an hf: dataset)"
         )
     out, seen = {}, set()
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding=ENCODING) as f:
         for lineno, line in enumerate(f, start=1):
             try:
                 rec = json.loads(line)
