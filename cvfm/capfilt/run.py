@@ -26,7 +26,10 @@ from cvfm.runtime.progress import log
 
 
 class _Batches:
-    """The batch sampler: batches of `Job`s read lazily from the input, lines already done skipped."""
+    """The batch sampler: `Job`s read lazily from the input in a fixed grid of batches (every `size`
+    non-blank lines), so that a resumed run batches (and pads) each pair as an uninterrupted run does and
+    writes the same scores, bit for bit. A batch whose lines are all done is skipped; one done in part
+    (a kill mid-write) is computed whole, and only its missing lines are written."""
 
     def __init__(self, lines: Iterator[tuple[int, str]], parse: Callable, done: dict, out: str, size: int):
         self.lines, self.parse, self.done, self.out, self.size = lines, parse, done, out, size
@@ -37,12 +40,14 @@ class _Batches:
             job = self.parse(n, raw)
             if n in self.done:
                 io.check_same_pair(*self.done[n], job, self.out)
-                continue
             batch.append(job)
             if len(batch) == self.size:
-                yield batch
+                yield from self._unless_done(batch)
                 batch = []
-        if batch:
+        yield from self._unless_done(batch)
+
+    def _unless_done(self, batch: list[io.Job]) -> Iterator[list[io.Job]]:
+        if any(job.line not in self.done for job in batch):
             yield batch
 
 
@@ -116,8 +121,9 @@ def capfilt(
     Writes one record per pair to `out` (a .jsonl file, or "-" for stdout) and one reject per unusable
     line to `rejects` (default: `<out stem>.rejects.jsonl` next to a file output; with `out="-"`, JSON
     lines on stderr unless a file is given). A file output resumes: a rerun with the same settings skips
-    the lines already in `out` or `rejects`. `on_batch(i)` is called after batch i is written. Returns
-    the summary (over the whole output, resumed lines included).
+    the lines already in `out` or `rejects`, and (with the same `batch_size`) ends with the lines of an
+    uninterrupted run. `on_batch(i)` is called after batch i is written. Returns the summary (over the
+    whole output, resumed lines included).
     """
     _check(num_captions, top_p, threshold, batch_size, (max_length, min_length))
     matcher = matcher or captioner
@@ -223,6 +229,8 @@ def capfilt(
                 records, failed = _filter_batch(
                     jobs, cap_px, itm_px, cap_model, itm_model, dev, amp, threshold, gen
                 )
+                records = [r for r in records if r["line"] not in done]
+                failed = [r for r in failed if r["line"] not in done]
                 sink.write(records)
                 bad.write(failed)
                 for r in records:
