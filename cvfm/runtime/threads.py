@@ -29,8 +29,9 @@ def share_cores_with_workers(num_workers: int) -> int:
 
 
 def use_threads(threads: int, what: str) -> int:
-    """Run on `threads` intra-op threads (those `what` started with), unless OMP_NUM_THREADS asks for
-    another count: then say that the result may differ from an uninterrupted run's."""
+    """Run on `threads` intra-op threads (those `what` started with; also on a machine with fewer cores:
+    slower, but the same sums), unless OMP_NUM_THREADS asks for another count: then say that the result
+    may differ from an uninterrupted run's."""
     if "OMP_NUM_THREADS" in os.environ and torch.get_num_threads() != threads:
         log(
             f"warning: {what} started on {threads} CPU thread(s) and OMP_NUM_THREADS gives "
