@@ -64,7 +64,7 @@ class FinetuneConfig:
     augment: bool = True  # full fine-tuning: RandomResizedCrop(0.8, 1) + flip
     precision: str = "fp32"
     seed: int = 0
-    num_workers: int = 2
+    num_workers: int | None = 2  # None: 2, or on resume the run's own
     k: int = 20  # k-NN head: DINO's k-NN evaluation
     temperature: float = 0.07
     exclude: str | None = None  # a file of ids (text: one per line; JSONL: "id" field) left out of training
@@ -89,6 +89,8 @@ def finetune(cfg: FinetuneConfig, on_step=None) -> Path:
     `on_step(step)` is called after each optimizer step of a full fine-tuning run (see `pretrain`)."""
     if cfg.resume:
         cfg = _saved_config(cfg)
+    elif cfg.num_workers is None:
+        cfg = replace(cfg, num_workers=2)
     _check(cfg)
     if cfg.frozen:
         return _finetune_frozen(cfg)
@@ -111,8 +113,9 @@ def _saved_config(cfg: FinetuneConfig) -> FinetuneConfig:
         raise UsageError(
             f"cannot resume: '{cfg.output}' is not a cvfm finetune run (no \"finetune\" in run.json)"
         )
+    workers = saved["finetune"]["num_workers"] if cfg.num_workers is None else cfg.num_workers
     resumed = FinetuneConfig(
-        **{**saved["finetune"], "output": cfg.output, "resume": True, "num_workers": cfg.num_workers}
+        **{**saved["finetune"], "output": cfg.output, "resume": True, "num_workers": workers}
     )
     if resumed.frozen:
         raise UsageError(

@@ -259,16 +259,22 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(pairs, full_ru
     assert again["written"] == 0 and len(_lines(out)) == GOOD
 
 
-def test_a_last_line_cut_by_a_kill_is_repaired_and_recomputed(pairs, full_run, tmp_path, capsys):
-    ref, _ = full_run
-    out = tmp_path / "ref" / "out.jsonl"
-    text = ref.read_text()
-    cut = text.rstrip("\n").rfind("\n") + 1 + 40  # 40 bytes into the last record, no newline
-    out.write_text(text[:cut])
+def test_a_batch_cut_by_a_kill_is_recomputed_whole(pairs, full_run, tmp_path, capsys):
+    """Killed while writing the records of its 2nd batch (input lines 4, 6, 7: the malformed line, p3,
+    p4): p3 is written, p4 cut short, the batch's reject not yet written. The rerun cuts off the piece,
+    computes that batch whole again (the same batch, the same padding) and writes only what is missing:
+    both files end equal to an uninterrupted run's, byte for byte."""
+    out, _ = full_run
+    rejects = out.with_name("out.rejects.jsonl")
+    text, rejected = out.read_text(), rejects.read_text()
+    lines = text.splitlines(keepends=True)
+    assert [json.loads(x)["id"] for x in lines[3:5]] == ["p3", "p4"]
+    out.write_text("".join(lines[:4]) + lines[4][:40])
+    rejects.write_text("")
     summary = capfilt(str(pairs), str(out), batch_size=3, **FAST)
-    assert summary["written"] == 1
+    assert summary["already_done"] == 4 and summary["written"] == 7
     assert "cut short" in capsys.readouterr().err
-    _same_records(_lines(out), _lines(ref))  # the last line's pair is last again: same order
+    assert out.read_text() == text and rejects.read_text() == rejected
 
 
 # ---------------------------------------------------------------------------------- refusals

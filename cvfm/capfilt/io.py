@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -130,6 +131,8 @@ class Sink:
         f = self.stream or self._file
         f.write("".join(json.dumps(r, allow_nan=False) + "\n" for r in records))
         f.flush()
+        if self._file is not None:
+            os.fsync(f.fileno())  # on disk before the next batch: a crash loses at most the batch in flight
 
     def close(self) -> None:
         if self._file is not None:

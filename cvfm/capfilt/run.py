@@ -1,8 +1,8 @@
 """`capfilt(...)`: the library call behind `cvfm capfilt` (BLIP's CapFilt over a JSONL of pairs).
 
-The input is read as it arrives (`arrived`: a pipe's lines are filtered while its writer still writes),
-and each chunk of lines goes in batches of parsed lines to a DataLoader whose workers decode and
-preprocess the images; the models then caption a whole batch at once and score all of its captions in
+A file's lines go in one fixed grid of batches, so a resumed run batches each pair as before; a pipe's
+(`--in -`) are read as they arrive (`arrived`), so records flow while its writer still writes. Batches of
+parsed lines go to a DataLoader whose workers decode and preprocess the images; the models then caption a whole batch at once and score all of its captions in
 one ITM pass. Results are written batch by batch (output records, then rejects); they do not depend on
 how the lines were batched.
 """
@@ -29,8 +29,22 @@ from cvfm.runtime.precision import autocast, precision_name, resolve_precision
 from cvfm.runtime.progress import log
 
 
+def _chunks(stream, follow: bool, batch_size: int) -> Iterator[Iterator[tuple[int, str]]]:
+    """The input's numbered lines: a file's in one lazy run (one grid of batches, as a resumed run has
+    it); a pipe's in runs of what has arrived, so that records flow while its writer still writes."""
+    lines = io.read_lines(stream)
+    if not follow:
+        yield lines
+        return
+    for chunk in arrived(lines, limit=64 * batch_size):
+        yield iter(chunk)
+
+
 class _Batches:
-    """Batches of `Job`s of input lines (a DataLoader batch sampler), lines already done skipped."""
+    """The batch sampler: `Job`s read lazily from the input in a fixed grid of batches (every `size`
+    non-blank lines), so that a resumed run batches (and pads) each pair as an uninterrupted run does and
+    writes the same scores, bit for bit. A batch whose lines are all done is skipped; one done in part
+    (a kill mid-write) is computed whole, and only its missing lines are written."""
 
     def __init__(self, lines: Iterator[tuple[int, str]], parse: Callable, done: dict, out: str, size: int):
         self.lines, self.parse, self.done, self.out, self.size = lines, parse, done, out, size
@@ -41,12 +55,14 @@ class _Batches:
             job = self.parse(n, raw)
             if n in self.done:
                 io.check_same_pair(*self.done[n], job, self.out)
-                continue
             batch.append(job)
             if len(batch) == self.size:
-                yield batch
+                yield from self._unless_done(batch)
                 batch = []
-        if batch:
+        yield from self._unless_done(batch)
+
+    def _unless_done(self, batch: list[io.Job]) -> Iterator[list[io.Job]]:
+        if any(job.line not in self.done for job in batch):
             yield batch
 
 
@@ -120,8 +136,9 @@ def capfilt(
     Writes one record per pair to `out` (a .jsonl file, or "-" for stdout) and one reject per unusable
     line to `rejects` (default: `<out stem>.rejects.jsonl` next to a file output; with `out="-"`, JSON
     lines on stderr unless a file is given). A file output resumes: a rerun with the same settings skips
-    the lines already in `out` or `rejects`. `on_batch(i)` is called after batch i is written. Returns
-    the summary (over the whole output, resumed lines included).
+    the lines already in `out` or `rejects`, and (with the same `batch_size`) ends with the lines of an
+    uninterrupted run. `on_batch(i)` is called after batch i is written. Returns the summary (over the
+    whole output, resumed lines included).
     """
     _check(num_captions, top_p, threshold, batch_size, (max_length, min_length))
     matcher = matcher or captioner
@@ -216,12 +233,12 @@ def capfilt(
         )
         batch = 0
         try:
-            for lines in arrived(io.read_lines(stream), limit=64 * batch_size):
-                batches = list(_Batches(iter(lines), parse, done, out, batch_size))
+            for chunk in _chunks(stream, inp == "-", batch_size):
+                batches = _Batches(chunk, parse, done, out, batch_size)
                 loader = DataLoader(
                     images,
                     batch_sampler=batches,
-                    num_workers=num_workers if batches else 0,  # a resumed run skips done lines
+                    num_workers=num_workers,
                     collate_fn=_collate,
                     pin_memory=dev.type == "cuda",
                 )
@@ -229,6 +246,8 @@ def capfilt(
                     records, failed = _filter_batch(
                         jobs, cap_px, itm_px, cap_model, itm_model, dev, amp, threshold, gen
                     )
+                    records = [r for r in records if r["line"] not in done]
+                    failed = [r for r in failed if r["line"] not in done]
                     sink.write(records)
                     bad.write(failed)
                     for r in records:

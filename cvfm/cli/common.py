@@ -17,6 +17,13 @@ LabelColumn = typer.Option(
 )
 Strict = typer.Option(False, "--strict", help="Stop at the first unreadable image or malformed line.")
 Workers = typer.Option(2, "--num-workers", min=0, help="DataLoader worker processes for decoding.")
+RunWorkers = typer.Option(
+    None,
+    "--num-workers",
+    min=0,
+    help="DataLoader worker processes for decoding (default 2; with --resume, the run's). A resumed run "
+    "keeps the CPU thread count it started with, so its result does not depend on this.",
+)
 TrustRemoteCode = typer.Option(
     False, "--trust-remote-code", help="Allow transformers to run a hub repo's code."
 )

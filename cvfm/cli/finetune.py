@@ -56,7 +56,7 @@ def finetune(
     temperature: float = typer.Option(0.07, "--temperature", help="knn head: vote weight exp(sim / T)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 (mixed precision)."),
     seed: int = typer.Option(0, "--seed"),
-    num_workers: int = common.Workers,
+    num_workers: int = common.RunWorkers,
     exclude: str = Exclude,
     ledger: str = Ledger,
     image_column: str = common.ImageColumn,
@@ -73,9 +73,10 @@ def finetune(
 
     Writes run.json (the recipe under "finetune", what was left out under "excluded") and classifier/
     (classifier.json, backbone/, head.safetensors), loadable by `cvfm.registry.create_classifier(run)`;
-    full fine-tuning also writes metrics.jsonl, curves.png and checkpoints/ (Ctrl-C checkpoints,
-    --resume continues exactly). Prints one JSON line: run, classifier, head, frozen, classes,
-    train_images, excluded, train_top1 (on the training data, evaluation transform).
+    full fine-tuning also writes metrics.jsonl, curves.png and checkpoints/ (Ctrl-C or SIGTERM checkpoints;
+    --resume, also after a kill, ends with the weights of an uninterrupted run, bit for bit on CPU).
+    Prints one JSON line: run, classifier, head, frozen, classes, train_images, excluded, train_top1 (on
+    the training data, evaluation transform).
 
     Examples:
 

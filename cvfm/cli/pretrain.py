@@ -48,7 +48,7 @@ def pretrain(
     grad_accum: int = typer.Option(1, "--grad-accum", min=1, help="Gradient accumulation steps."),
     precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 (mixed precision)."),
     seed: int = typer.Option(0, "--seed"),
-    num_workers: int = common.Workers,
+    num_workers: int = common.RunWorkers,
     checkpoint_every: int = typer.Option(500, "--checkpoint-every", min=1, help="Steps between checkpoints."),
     monitor: str = typer.Option(None, "--monitor", help="Labelled data for an online k-NN each epoch."),
     log: list[str] = typer.Option(["jsonl"], "--log", help="jsonl (always on), tensorboard, wandb."),
@@ -85,7 +85,9 @@ def pretrain(
     image encoder's layout), text/ and heads.safetensors; for blip-captioner / blip-filter the fine-tuned
     captioner / matcher, which `cvfm capfilt` and create_captioner / create_matcher load from the run
     folder). Prints the run folder.
-    Ctrl-C or SIGTERM writes a checkpoint first; --resume continues exactly where the run stopped.
+    Ctrl-C or SIGTERM writes a checkpoint first. --resume continues from the last whole checkpoint (also
+    after a kill) and ends with the weights of an uninterrupted run: bit for bit on CPU, where the run keeps
+    its CPU thread count whatever --num-workers; on GPU as far as its CUDA kernels are deterministic.
     --exclude / --ledger leave ids out of the data (run.json records how many and their SHA-256).
 
     Examples:

@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader never sees a half-written output, a crash never leaves one."""
+"""Atomic file writes: a reader never sees a half-written output, a crash never leaves one (the file
+is synced to disk before the rename, the folder after it)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     os.close(fd)
     try:
         write(Path(tmp))
+        fsync_path(tmp)
         os.replace(tmp, path)
+        fsync_path(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -31,3 +34,12 @@ def write_text(path: str | Path, text: str) -> Path:
 
 def write_json(path: str | Path, obj: Any) -> Path:
     return write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's (or a folder's entries') data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -30,5 +30,5 @@ def progress(desc: str, total: int | None) -> Iterator[Callable[[int], None]]:
 
 
 def log(message: str) -> None:
-    """A line for humans, on stderr."""
-    console.print(message, highlight=False)
+    """A line for humans, on stderr (as is: never wrapped, brackets kept, so a long path stays greppable)."""
+    console.print(message, highlight=False, markup=False, soft_wrap=True)

@@ -46,9 +46,14 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def truncate_metrics(path: Path, after_step: int) -> None:
-    """On resume, forget records logged after the checkpoint we restart from."""
-    kept = [r for r in read_metrics(path) if (r.get("step") or 0) <= after_step]
+def truncate_metrics(path: Path, after_step: int, epochs_done: int) -> None:
+    """On resume, forget records logged after the checkpoint we restart from: those of later steps, and
+    the summaries (records with an "epoch") of epochs after the first `epochs_done`."""
+    kept = [
+        r
+        for r in read_metrics(path)
+        if (r.get("step") or 0) <= after_step and r.get("epoch", 0) <= epochs_done
+    ]
     atomic_write(path, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in kept)))
 
 

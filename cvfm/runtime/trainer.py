@@ -2,8 +2,12 @@
 
 Exact resume: the sampler order is seeded by (seed, epoch), each sample's augmentations by
 (seed, epoch, index), the global RNG by (seed, step, process), and every schedule is indexed by the
-global step; the checkpoint holds the model with its EMA teacher and DINO centre, the optimizer and
-the gradient scaler. A run stopped and resumed therefore ends with the same weights.
+global step; the checkpoint holds the model with its EMA teacher and DINO centre, the optimizer, the
+gradient scaler and the running sums of the epoch's metrics. On CPU a resumed run also trains with the
+intra-op thread count it started with (run.json "resolved", `cpu_threads`), whatever its number of
+decoding workers: the thread count changes the order of floating-point sums. A run stopped (even killed)
+and resumed in a new process therefore ends with the same weights as an uninterrupted one: bit for bit on
+CPU (tests/test_resume.py), on GPU as far as its CUDA kernels are deterministic.
 
 Methods with `needs_text()` (CLIP, BLIP) train a dual encoder on image-text pairs: the data is opened with its
 text column, the DataLoader tokenizes the texts, the method gets `tokens=`, and the whole dual encoder
@@ -53,11 +57,11 @@ from cvfm.models.classifier import Classifier, LinearHead, labelled_classes
 from cvfm.models.dual import DualEncoder, ImageTower
 from cvfm.models.paired import PairedEncoder
 from cvfm.registry import create_captioner, create_dual_encoder, create_encoder, create_matcher
-from cvfm.runtime.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from cvfm.runtime.checkpoint import apply_checkpoint, read_latest_checkpoint, save_checkpoint
 from cvfm.runtime.progress import log, progress
 from cvfm.runtime.run_dir import RunDir
 from cvfm.runtime.schedules import cosine
-from cvfm.runtime.threads import share_cores_with_workers
+from cvfm.runtime.threads import share_cores_with_workers, use_threads
 from cvfm.runtime.tracking import JsonlTracker, plot_curves, truncate_metrics
 
 PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -112,7 +116,7 @@ class PretrainConfig:
     grad_accum: int = 1
     precision: str = "fp32"
     seed: int = 0
-    num_workers: int = 2
+    num_workers: int | None = 2  # None: 2, or on resume the run's own
     checkpoint_every: int = 500  # steps; a checkpoint is also written at the end of each epoch
     keep_checkpoints: int = 2
     # A labelled source evaluated each epoch: zero-shot top-1 on its test split for a dual encoder when
@@ -176,9 +180,10 @@ def pretrain(
     """
     if cfg.resume:
         saved = RunDir(cfg.output, resume=True).read()["config"]
-        cfg = PretrainConfig(
-            **{**saved, "log": tuple(saved["log"]), "resume": True, "num_workers": cfg.num_workers}
-        )
+        workers = saved["num_workers"] if cfg.num_workers is None else cfg.num_workers
+        cfg = PretrainConfig(**{**saved, "log": tuple(saved["log"]), "resume": True, "num_workers": workers})
+    elif cfg.num_workers is None:
+        cfg = replace(cfg, num_workers=2)
     return _Trainer(cfg, record).fit(on_step)
 
 
@@ -304,8 +309,7 @@ class _Trainer:
         torch.manual_seed(cfg.seed)  # the same initial weights on every process and every resume
         encoder = _build_model(cfg, kind, classes)
         self.run, self.accelerator = run, _make_accelerator(cfg, run)
-        if self.accelerator.device.type == "cpu":
-            share_cores_with_workers(cfg.num_workers)
+        cpu_threads = _cpu_threads(cfg, run) if self.accelerator.device.type == "cpu" else None
         world = self.accelerator.num_processes
         self.steps_per_epoch = len(source) // (cfg.batch_size * world) // cfg.grad_accum
         if self.steps_per_epoch < 1:
@@ -341,6 +345,8 @@ class _Trainer:
         self.core = self.accelerator.unwrap_model(self.method)
         self.skips = SkipLog(cfg.strict, source.skipped)
         self.step = self.epoch = 0
+        self.epoch_sums: dict[str, float] = {}  # the running sums of this epoch's step records
+        self.epoch_steps = 0
         self.resolved = {
             "config": asdict(cfg),
             "method_config": asdict(self.core.cfg),
@@ -351,6 +357,7 @@ class _Trainer:
                 "total_steps": self.total_steps,
                 "global_batch_size": budget.batch_size,
                 "num_processes": world,
+                "cpu_threads": cpu_threads,
                 **getattr(self.core, "resolved", {}),
             },
             "versions": versions(),
@@ -394,16 +401,33 @@ class _Trainer:
         return run.path
 
     def _train_epoch(self, stop: _GracefulStop, on_step) -> None:
+        """The rest of this epoch (all of it unless the run resumed within it), its summary (`epoch/*`:
+        means over all of its steps, resumed or not) and its checkpoint."""
         cfg, acc = self.cfg, self.accelerator
         done = self.step - self.epoch * self.steps_per_epoch
         todo = self.steps_per_epoch - done
-        if todo <= 0:
-            return
+        started = time.perf_counter()
+        images = self._train_steps(done, todo, stop, on_step) if todo > 0 else 0
+        logs = {f"epoch/{k}": v / self.epoch_steps for k, v in self.epoch_sums.items()}
+        logs["epoch"] = self.epoch + 1
+        if images:  # this process's speed (none when it resumed at the epoch's last step)
+            logs["images_per_s"] = images / max(time.perf_counter() - started, 1e-9)
+        if self.monitor:
+            logs.update(self.monitor(self.core.encoder, acc.device))
+        acc.log(logs, step=self.step)
+        if self.is_main:
+            _summary(self.epoch + 1, cfg.epochs, logs)
+            plot_curves(self.run.metrics, self.run.path / "curves.png")
+        self.epoch_sums, self.epoch_steps = {}, 0
+        self._checkpoint(resume_epoch=self.epoch + 1)
+
+    def _train_steps(self, done: int, todo: int, stop: _GracefulStop, on_step) -> int:
+        """Steps `done` + 1 .. `done` + `todo` of this epoch; returns the number of images they took."""
+        cfg, acc = self.cfg, self.accelerator
         self.dataset.set_epoch(self.epoch)
         self.loader.set_epoch(self.epoch)
         batches = acc.skip_first_batches(self.loader, done * cfg.grad_accum) if done else self.loader
-        sums: dict[str, float] = {}
-        images, started = 0, time.perf_counter()
+        images = 0
         with progress(f"epoch {self.epoch + 1}/{cfg.epochs}", total=todo) as advance:
             for i, batch in enumerate(batches):
                 if i >= todo * cfg.grad_accum:
@@ -416,24 +440,18 @@ class _Trainer:
                 if record is None:
                     continue  # accumulating gradients
                 for k, v in record.items():
-                    sums[k] = sums.get(k, 0.0) + v
+                    self.epoch_sums[k] = self.epoch_sums.get(k, 0.0) + v
+                self.epoch_steps += 1
                 acc.log({f"train/{k}": v for k, v in record.items()}, step=self.step)
                 advance()
-                if self.step % cfg.checkpoint_every == 0:
+                end_of_epoch = self.step == (self.epoch + 1) * self.steps_per_epoch  # checkpointed below
+                if self.step % cfg.checkpoint_every == 0 and not end_of_epoch:
                     self._checkpoint()
                 if on_step:
                     on_step(self.step)
                 if stop.requested:
                     raise Interrupted
-        logs = {f"epoch/{k}": v / todo for k, v in sums.items()}
-        logs.update(epoch=self.epoch + 1, images_per_s=images / max(time.perf_counter() - started, 1e-9))
-        if self.monitor:
-            logs.update(self.monitor(self.core.encoder, acc.device))
-        acc.log(logs, step=self.step)
-        if self.is_main:
-            _summary(self.epoch + 1, cfg.epochs, logs)
-            plot_curves(self.run.metrics, self.run.path / "curves.png")
-        self._checkpoint(resume_epoch=self.epoch + 1)
+        return images
 
     def _train_step(self, batch: dict) -> dict | None:
         """One forward/backward; after the last micro-batch of an accumulation cycle, the update."""
@@ -484,21 +502,29 @@ class _Trainer:
                 self.core,
                 self.optimizer.optimizer,
                 self.accelerator.scaler,
-                {"epoch": epoch, "skipped": self.skips.as_list()},
+                {
+                    "epoch": epoch,
+                    "skipped": self.skips.as_list(),
+                    "epoch_sums": self.epoch_sums,
+                    "epoch_steps": self.epoch_steps,
+                },
                 keep=self.cfg.keep_checkpoints,
             )
 
     def _restore(self) -> None:
-        ckpt = latest_checkpoint(self.run.checkpoints)
-        if ckpt is None:
-            log(f"no checkpoint in {self.run.checkpoints}: starting {self.run.path} from step 0")
+        found = read_latest_checkpoint(self.run.checkpoints)
+        if found is None:
+            log(f"no usable checkpoint in {self.run.checkpoints}: starting {self.run.path} from step 0")
+            if self.is_main:
+                self.run.metrics.unlink(missing_ok=True)
             return
-        state = load_checkpoint(ckpt, self.core, self.optimizer.optimizer, self.accelerator.scaler)
+        state = apply_checkpoint(found[1], self.core, self.optimizer.optimizer, self.accelerator.scaler)
         self.step, self.epoch = state["step"], state["epoch"]
         self.skips = SkipLog(self.cfg.strict, state.get("skipped", []))
-        if self.is_main:
-            truncate_metrics(self.run.metrics, self.step)
-        log(f"resuming {self.run.path} at step {self.step}/{self.total_steps}")
+        self.epoch_sums, self.epoch_steps = state.get("epoch_sums", {}), state.get("epoch_steps", 0)
+        if self.is_main:  # what was logged after the checkpoint is logged again
+            truncate_metrics(self.run.metrics, self.step, self.epoch)
+        log(f"resuming {self.run.path} at step {self.step}/{self.total_steps} ({found[0].name})")
 
     def _finish(self, status: str, t0: float) -> None:
         if self.is_main:
@@ -512,6 +538,15 @@ class _Trainer:
             if self.skips.entries:
                 log(f"skipped {len(self.skips.entries)} unreadable item(s); listed in {self.run.run_json}")
         self.accelerator.end_training()
+
+
+def _cpu_threads(cfg: PretrainConfig, run: RunDir) -> int:
+    """Torch's intra-op threads for a CPU run: a resumed run's own count (its floating-point sums then
+    run in the same order), else the cores the decoding workers leave free."""
+    saved = (run.read().get("resolved") or {}).get("cpu_threads") if cfg.resume else None
+    if saved is None:
+        return share_cores_with_workers(cfg.num_workers)
+    return use_threads(saved, f"run '{run.path}'")
 
 
 def _exclude(cfg: PretrainConfig, source: ImageSource, run: RunDir) -> tuple[ImageSource, dict | None]:
