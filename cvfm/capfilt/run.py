@@ -1,10 +1,10 @@
 """`capfilt(...)`: the library call behind `cvfm capfilt` (BLIP's CapFilt over a JSONL of pairs).
 
 A file's lines go in one fixed grid of batches, so a resumed run batches each pair as before; a pipe's
-(`--in -`) are read as they arrive (`arrived`), so records flow while its writer still writes. Batches of
-parsed lines go to a DataLoader whose workers decode and preprocess the images; the models then caption a whole batch at once and score all of its captions in
-one ITM pass. Results are written batch by batch (output records, then rejects); they do not depend on
-how the lines were batched.
+(`--in -`) are read as they arrive (`arrived`), so records flow while its writer still writes. Batches
+of parsed lines go to a DataLoader whose workers decode and preprocess the images; the models then
+caption a whole batch at once and score all of its captions in one ITM pass. Results are written batch
+by batch (output records, then rejects).
 """
 
 from __future__ import annotations
