@@ -315,6 +315,8 @@ class _Trainer:
         if self.accelerator.device.type == "cpu":
             share_cores_with_workers(cfg.num_workers)
         world = self.accelerator.num_processes
+        if cfg.resume:
+            _check_processes(run, world)
         self.steps_per_epoch = len(source) // (cfg.batch_size * world) // cfg.grad_accum
         if self.steps_per_epoch < 1:
             raise UsageError(
@@ -547,6 +549,17 @@ def _exclude(cfg: PretrainConfig, source: ImageSource, run: RunDir) -> tuple[Ima
     )
     log(f"left out {record['count']} training image(s) ({sources}: {record['requested']} id(s))")
     return source, record
+
+
+def _check_processes(run: RunDir, world: int) -> None:
+    """A run resumes on the number of processes it started on: `--batch-size` is per process, so any
+    other number would change the global batch, the step plan and the schedules half-way."""
+    before = run.read().get("resolved", {}).get("num_processes", world)
+    if before != world:
+        raise UsageError(
+            f"cannot resume '{run.path}' on {world} process(es): it was trained by {before} "
+            f"(the global batch is --batch-size x processes); resume it with {before}"
+        )
 
 
 def save_atomically(model, folder: Path) -> None:
