@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import timm
 import torch
@@ -32,13 +32,10 @@ DDP_COPY_WARNING = "Grad strides do not match bucket view strides"
 
 
 def _command(args: list, processes: int) -> list[str]:
+    """`python -m cvfm ARGS`, under torchrun for several processes (--standalone: it picks a free port)."""
     launcher = [sys.executable]
     if processes > 1:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
-        launcher += ["--master_port", str(port)]
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
     return [*launcher, "-m", "cvfm", *map(str, args)]
 
 
@@ -54,11 +51,11 @@ def _env() -> dict:
     }
 
 
-def _cvfm(*args, processes: int = 1) -> subprocess.CompletedProcess:
+def _cvfm(*args, processes: int = 1, code: int = 0) -> subprocess.CompletedProcess:
     p = subprocess.run(
         _command(list(args), processes), capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=600
     )
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == code, p.stderr[-3000:]
     return p
 
 
@@ -158,7 +155,9 @@ def test_the_two_process_backbone_is_plain_timm(dino_runs):
 
 
 @pytest.mark.slow
-def test_sigterm_to_torchrun_checkpoints_and_a_two_process_resume_ends_the_same(dino_runs, noise, tmp_path):
+def test_sigterm_to_one_process_stops_both_and_a_two_process_resume_ends_the_same(dino_runs, noise, tmp_path):
+    """SIGTERM to one of the two processes (as `kill <pid>`; the launcher sends it to both): both stop
+    after the same step and checkpoint it (before, the other one trained on and both hung)."""
     out = tmp_path / "stopped"
     p = subprocess.Popen(
         _command(_dino(noise, out, 16), processes=2),
@@ -167,18 +166,26 @@ def test_sigterm_to_torchrun_checkpoints_and_a_two_process_resume_ends_the_same(
         text=True,
         env=_env(),
         cwd=ROOT,
+        start_new_session=True,
     )
-    deadline = time.monotonic() + 300
-    while not (out / "checkpoints" / "step-00000001").exists():
-        assert p.poll() is None and time.monotonic() < deadline, p.communicate()[1][-3000:]
-        time.sleep(0.05)
-    p.send_signal(signal.SIGTERM)  # to the launcher: it passes SIGTERM on to both processes
-    _, err = p.communicate(timeout=300)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "checkpoints" / "step-00000001").exists():
+            assert p.poll() is None and time.monotonic() < deadline, p.communicate()[1][-3000:]
+            time.sleep(0.05)
+        worker = [c for c in psutil.Process(p.pid).children() if c.environ().get("RANK") == "1"]
+        worker[0].send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=300)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
     stopped = _run_json(out)
     assert stopped["status"] == "interrupted", err[-3000:]
-    assert 1 <= stopped["step"] < 4  # both processes stopped after the same step and checkpointed it
+    assert 1 <= stopped["step"] < 4
     assert (out / "checkpoints" / f"step-{stopped['step']:08d}").is_dir()
 
+    # --batch-size is per process: one process would change the global batch half-way.
+    assert "it was trained by 2" in _cvfm("pretrain", "-o", out, "--resume", code=2).stderr
     _cvfm("pretrain", "-o", out, "--resume", "--num-workers", "0", processes=2)
     resumed = _run_json(out)
     assert resumed["status"] == "finished" and resumed["step"] == 4
@@ -221,3 +228,19 @@ def test_unlearn_retrain_on_two_processes_equals_one_process(noise, tmp_path):
     assert a.keys() == b.keys()
     for k in a:  # SGD keeps float rounding small: measured 4e-6 of each tensor's norm
         assert float((a[k] - b[k]).double().norm()) <= 1e-4 * float(b[k].double().norm()), k
+
+
+def test_retrain_shares_the_original_global_batch_among_its_processes(tmp_path):
+    from cvfm.errors import UsageError
+    from cvfm.unlearn.run import _same_global_batch
+
+    model = tmp_path / "clf"
+    model.mkdir()
+    (model / "run.json").write_text(json.dumps({"resolved": {"num_processes": 2}}))
+    recipe = FinetuneConfig(data="d", output=str(model), batch_size=6)
+    assert _same_global_batch(recipe, str(model), world=1).batch_size == 12
+    assert _same_global_batch(recipe, str(model), world=4).batch_size == 3
+    with pytest.raises(UsageError, match="global batch of 12 images; 5 processes cannot share it"):
+        _same_global_batch(recipe, str(model), world=5)
+    frozen = FinetuneConfig(data="d", output=str(model), batch_size=6, freeze=True)
+    assert _same_global_batch(frozen, str(model), world=5).batch_size == 6  # fitted on one process
