@@ -1,14 +1,17 @@
-"""Cross-process parts of the losses (SimCLR negatives, CLIP features), run with two real gloo processes
-on the CPU."""
+"""Cross-process parts of the losses (SimCLR negatives, CLIP features) and BatchNorm over the global batch,
+run with two real gloo processes on the CPU."""
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from timm.layers import BatchNormAct2d
+from torch import nn
 
 from cvfm.methods.clip import clip_loss
 from cvfm.methods.simclr import nt_xent
+from cvfm.runtime.batchnorm import GlobalBatchNorm
 
 
 def _worker(rank: int, init_file: str, z1: torch.Tensor, z2: torch.Tensor, out: torch.Tensor) -> None:
@@ -81,3 +84,62 @@ def test_clip_features_gathered_across_processes_match_one_big_batch(tmp_path):
     torch.testing.assert_close(out["txt_grad"], 2 * b.grad, atol=1e-5, rtol=1e-4)
     # The logit scale is not gathered: the average of the local gradients is the one-batch gradient.
     torch.testing.assert_close(out["scale_grad"].mean(), scale.grad, atol=1e-5, rtol=1e-4)
+
+
+def _bn_model() -> nn.Module:
+    """torch's BatchNorm2d and BatchNorm1d, and timm's BatchNormAct2d (norm + ReLU in one layer)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.Conv2d(4, 4, 1),
+        BatchNormAct2d(4),
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 4, 6),
+        nn.BatchNorm1d(6),
+    )
+
+
+def _bn_worker(rank: int, init_file: str, x: torch.Tensor, out: dict) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        model = _bn_model()
+        mine = slice(rank * 4, (rank + 1) * 4)
+        with GlobalBatchNorm():
+            y = model(x[mine].contiguous(memory_format=torch.channels_last))  # the layout conv nets get
+        y.sin().mean().backward()
+        out["y"][mine] = y.detach()
+        state = model.state_dict()
+        for k in out["state"]:
+            out["state"][k][rank] = state[k]
+        for k, p in model.named_parameters():
+            out["grad"][k][rank] = p.grad
+    finally:
+        dist.destroy_process_group()
+
+
+def test_global_batch_norm_on_two_processes_equals_one_big_batch(tmp_path):
+    torch.manual_seed(1)
+    x = 3 * torch.randn(8, 3, 6, 6) + 1
+    whole = _bn_model()
+    y = whole(x)
+    y.sin().mean().backward()
+    state = whole.state_dict()
+    out = {
+        "y": torch.zeros_like(y).share_memory_(),
+        "state": {k: torch.zeros(2, *v.shape, dtype=v.dtype).share_memory_() for k, v in state.items()},
+        "grad": {k: torch.zeros(2, *p.shape).share_memory_() for k, p in whole.named_parameters()},
+    }
+    mp.spawn(_bn_worker, args=(str(tmp_path / "init"), x, out), nprocs=2, join=True)
+
+    # Each half is normalised by the statistics of all 8 samples, as in the one-batch forward.
+    torch.testing.assert_close(out["y"], y.detach(), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out["y"][:4], _bn_model()(x[:4]), atol=1e-2)  # not its own half's
+    # Running statistics (unbiased variance) and step counts: the one-batch ones, on both processes.
+    for k, v in state.items():
+        for rank in range(2):
+            torch.testing.assert_close(out["state"][k][rank], v, atol=1e-5, rtol=1e-5, msg=k)
+    # Gradients reach the other process's samples through the statistics: DDP's average of the two
+    # processes' gradients is the gradient of the one-batch loss.
+    for k, p in whole.named_parameters():
+        torch.testing.assert_close(out["grad"][k].mean(0), p.grad, atol=1e-5, rtol=1e-4, msg=k)

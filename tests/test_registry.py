@@ -80,7 +80,8 @@ def test_preset_shapes(saved_presets, x, model_id):
 
 def test_resnet_tokens_are_the_flattened_feature_map(saved_presets, x):
     enc, _ = saved_presets["cvfm/tiny-resnet"]
-    assert enc.channels_last  # conv nets take NHWC input (faster); weights stay contiguous
+    assert enc.channels_last  # conv nets take NHWC input (faster), and their weights are NHWC too
+    assert enc.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         fmap = enc.model.forward_features(x.contiguous(memory_format=torch.channels_last))  # (B, C, H, W)
         out = enc.encode(x)

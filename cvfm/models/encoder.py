@@ -75,8 +75,12 @@ class TimmEncoder(Encoder):
         self.num_features = int(model.num_features)
         self.preprocess = preprocess or _timm_preprocess(model)
         # Conv nets (more than a ViT's patch embedding) run faster on NHWC input: oneDNN on CPU, tensor cores
-        # on GPU (1.3x a training step of cvfm/tiny-resnet on one CPU thread). Weights stay contiguous.
+        # on GPU (1.3x a training step of cvfm/tiny-resnet on one CPU thread). Their weights are NHWC too, so
+        # the gradients come out in the weights' own layout and DDP's buckets take them without a copy (nor
+        # a "grad strides do not match bucket view strides" warning); saved files are contiguous.
         self.channels_last = sum(isinstance(m, nn.Conv2d) for m in model.modules()) > 1
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
 
     def encode(self, x: torch.Tensor) -> EncoderOutput:
         if self.channels_last and x.ndim == 4 and x.device.type in ("cpu", "cuda"):

@@ -27,6 +27,7 @@ and a hash of them, and a resumed run refuses to go on if that set has changed.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -42,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
+from timm.layers import convert_sync_batchnorm
 from torch.utils.data import DataLoader
 
 import cvfm
@@ -57,6 +59,7 @@ from cvfm.models.classifier import Classifier, LinearHead, labelled_classes
 from cvfm.models.dual import DualEncoder, ImageTower
 from cvfm.models.paired import PairedEncoder
 from cvfm.registry import create_captioner, create_dual_encoder, create_encoder, create_matcher
+from cvfm.runtime.batchnorm import GlobalBatchNorm
 from cvfm.runtime.checkpoint import apply_checkpoint, read_latest_checkpoint, save_checkpoint
 from cvfm.runtime.progress import log, progress
 from cvfm.runtime.run_dir import RunDir
@@ -148,6 +151,13 @@ def versions() -> dict:
     }
 
 
+def cpu_processes() -> bool:
+    """Several processes (torchrun / accelerate launch) on a machine without GPUs: they run on the CPU over
+    gloo. The first Accelerator or PartialState a process makes must be told so (`cpu=True`); made without,
+    it sets up one process on its own, for good."""
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def _make_accelerator(cfg: PretrainConfig, run: RunDir) -> Accelerator:
     if cfg.precision not in PRECISIONS:
         raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, not '{cfg.precision}'")
@@ -157,10 +167,8 @@ def _make_accelerator(cfg: PretrainConfig, run: RunDir) -> Accelerator:
             raise UsageError(f"--log must be jsonl, tensorboard or wandb, not '{name}'")
         if name != "jsonl":
             trackers.append(name)
-    # Under torchrun / accelerate launch on a machine without GPUs, run the processes on CPU (gloo).
-    cpu_only = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     return Accelerator(
-        cpu=cpu_only,
+        cpu=cpu_processes(),
         mixed_precision=PRECISIONS[cfg.precision],
         gradient_accumulation_steps=cfg.grad_accum,
         log_with=trackers,
@@ -311,6 +319,8 @@ class _Trainer:
         self.run, self.accelerator = run, _make_accelerator(cfg, run)
         cpu_threads = _cpu_threads(cfg, run) if self.accelerator.device.type == "cpu" else None
         world = self.accelerator.num_processes
+        if cfg.resume:
+            _check_processes(run, world)
         self.steps_per_epoch = len(source) // (cfg.batch_size * world) // cfg.grad_accum
         if self.steps_per_epoch < 1:
             raise UsageError(
@@ -322,8 +332,12 @@ class _Trainer:
             len(source), self.steps_per_epoch, self.total_steps, cfg.batch_size * world * cfg.grad_accum
         )
         method = build_method(cfg.method, encoder, cfg.options, budget)
-        if world > 1 and self.accelerator.device.type == "cuda":  # SyncBatchNorm needs CUDA
-            method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+        # BatchNorm over the global batch: SyncBatchNorm on GPUs (timm's converter: torch's drops the
+        # activation of timm's BatchNormAct2d), GlobalBatchNorm (in _train_step) on CPUs, where
+        # SyncBatchNorm cannot run.
+        self.global_batch_norm = world > 1 and self.accelerator.device.type == "cpu"
+        if world > 1 and self.accelerator.device.type == "cuda":
+            method = convert_sync_batchnorm(method)
         run.create()  # only now that the request is known to be valid
         lr = cfg.lr or method.peak_lr(budget.batch_size)
         warmup = min(int(cfg.warmup_epochs * self.steps_per_epoch), int(0.1 * self.total_steps))
@@ -450,6 +464,8 @@ class _Trainer:
                 if on_step:
                     on_step(self.step)
                 if stop.requested:
+                    acc.set_trigger()
+                if acc.check_trigger():  # any process signalled: all stop after this same step
                     raise Interrupted
         return images
 
@@ -462,14 +478,15 @@ class _Trainer:
             if group.get("apply_wd", True):
                 group["weight_decay"] = float(self.wds[step])
         with acc.accumulate(self.method):
-            if core.model_kind == "dual":
-                loss, logs = self.method(batch["image"], step, tokens=batch["tokens"])
-            elif core.needs_text():
-                loss, logs = self.method(batch["image"], step, texts=batch["text"])
-            elif core.needs_labels:
-                loss, logs = self.method(batch["image"], step, labels=batch["label"])
-            else:
-                loss, logs = self.method(batch["image"], step)
+            with GlobalBatchNorm() if self.global_batch_norm else contextlib.nullcontext():
+                if core.model_kind == "dual":
+                    loss, logs = self.method(batch["image"], step, tokens=batch["tokens"])
+                elif core.needs_text():
+                    loss, logs = self.method(batch["image"], step, texts=batch["text"])
+                elif core.needs_labels:
+                    loss, logs = self.method(batch["image"], step, labels=batch["label"])
+                else:
+                    loss, logs = self.method(batch["image"], step)
             acc.backward(loss)
             if acc.sync_gradients:
                 if core.clip_grad:
@@ -567,6 +584,17 @@ def _exclude(cfg: PretrainConfig, source: ImageSource, run: RunDir) -> tuple[Ima
     )
     log(f"left out {record['count']} training image(s) ({sources}: {record['requested']} id(s))")
     return source, record
+
+
+def _check_processes(run: RunDir, world: int) -> None:
+    """A run resumes on the number of processes it started on: `--batch-size` is per process, so any
+    other number would change the global batch, the step plan and the schedules half-way."""
+    before = run.read().get("resolved", {}).get("num_processes", world)
+    if before != world:
+        raise UsageError(
+            f"cannot resume '{run.path}' on {world} process(es): it was trained by {before} "
+            f"(the global batch is --batch-size x processes); resume it with {before}"
+        )
 
 
 def save_atomically(model, folder: Path) -> None:

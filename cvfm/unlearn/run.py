@@ -34,7 +34,7 @@ from cvfm.runtime.files import write_json, write_text
 from cvfm.runtime.progress import log
 from cvfm.runtime.run_dir import RunDir
 from cvfm.runtime.threads import share_cores_with_workers
-from cvfm.runtime.trainer import save_atomically
+from cvfm.runtime.trainer import cpu_processes, save_atomically
 from cvfm.unlearn.ledger import Ledger, model_digest
 from cvfm.unlearn.request import ForgetRequest, default_request_id
 
@@ -91,6 +91,7 @@ def unlearn(cfg: UnlearnConfig) -> dict:
 
     Under `accelerate launch`, `retrain` trains on every process; everything else runs on the main
     process, and the other processes return an empty record."""
+    state = PartialState(cpu=cpu_processes())
     recipe = training_recipe(cfg.model)
     source, _, _ = open_training_data(recipe, quiet=True)  # without the ids it was trained without
     already = excluded_ids(recipe.exclude, recipe.ledger)
@@ -109,12 +110,14 @@ def unlearn(cfg: UnlearnConfig) -> dict:
     original = create_classifier(cfg.model)
     method = cfg.method or ("head" if original.frozen else "retrain")
     _check_method(method, original)
+    if method == "retrain":
+        recipe = _same_global_batch(recipe, cfg.model, state.num_processes)
     out = Path(cfg.output)
     if method != "retrain":  # retrain's run folder is checked and created by finetune
         RunDir(out, overwrite=cfg.overwrite)
     log(f"forgetting {len(forget)} of {len(source)} training items of '{source.name}' with {method}")
     all_forgotten = sorted(already | set(forget_ids))
-    main_process = PartialState().is_main_process
+    main_process = state.is_main_process
     if method != "retrain" and not main_process:
         return {}  # under `accelerate launch` only retraining uses every process
     t0 = time.perf_counter()
@@ -169,8 +172,27 @@ def _check_method(method: str, original: Classifier) -> None:
         raise UsageError("a k-NN classifier forgets exactly and in seconds with --method head")
 
 
+def _same_global_batch(recipe: FinetuneConfig, model: str, world: int) -> FinetuneConfig:
+    """`recipe` with the per-process batch that makes the global batch of `model`'s training on this
+    run's number of processes (`--batch-size` is per process): the exact retrain of a 2-process run on
+    one process takes twice the batch; a global batch the processes cannot share evenly is refused."""
+    if recipe.frozen:  # features and a head fitted on one process: no batch to share
+        return recipe
+    resolved = json.loads((Path(model) / "run.json").read_text()).get("resolved", {})
+    total = recipe.batch_size * resolved.get("num_processes", 1)
+    if total % world:
+        raise UsageError(
+            f"'{model}' was trained with a global batch of {total} images; {world} processes cannot "
+            f"share it evenly: retrain it with a number of processes that divides {total}"
+        )
+    return replace(recipe, batch_size=total // world)
+
+
 def _retrain(cfg: UnlearnConfig, recipe: FinetuneConfig, forgotten: list[str]) -> tuple[Classifier, dict]:
-    """Exact: the original recipe, from its original initialisation, on the retained data."""
+    """Exact: the original recipe, from its original initialisation, on the retained data.
+
+    Under a launcher every process writes the same ids before it trains; the main process, which reads
+    them again after training, removes them."""
     out = Path(cfg.output)
     staged = out.with_name(f".{out.name}.forget-ids")  # finetune refuses an occupied output folder
     write_text(staged, "".join(f"{i}\n" for i in forgotten))
@@ -180,7 +202,8 @@ def _retrain(cfg: UnlearnConfig, recipe: FinetuneConfig, forgotten: list[str]) -
         )
         finetune(retrain)
     finally:
-        staged.unlink(missing_ok=True)
+        if PartialState().is_main_process:
+            staged.unlink(missing_ok=True)
     settings = {
         k: v for k, v in asdict(recipe).items() if k not in ("output", "exclude", "overwrite", "resume")
     }
