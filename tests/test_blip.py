@@ -240,7 +240,7 @@ def test_a_folder_of_the_other_blip_class_is_a_usage_error(tmp_path, matcher, ca
         create_matcher(str(cap))
 
 
-def test_uncached_hub_model_is_a_one_line_usage_error():
+def test_uncached_hub_model_is_a_one_line_usage_error(empty_hf_cache):
     with pytest.raises(UsageError) as e:
         create_captioner("hf/Salesforce/blip-image-captioning-base")
     assert "not in the local Hugging Face cache" in str(e.value) and "\n" not in str(e.value)

@@ -480,7 +480,7 @@ def test_pretrain_runtime_flags_and_resume_from_the_cli(cli, digit_folder, tmp_p
     assert r.code == 2 and "--data is required" in r.err
 
 
-def test_pretrained_flag_needs_cached_weights(cli, digit_folder, tmp_path):
+def test_pretrained_flag_needs_cached_weights(cli, digit_folder, tmp_path, empty_hf_cache):
     r = cli(
         "pretrain", "--data", digit_folder, "--model", "timm/resnet18", "--pretrained", "-o", tmp_path / "r"
     )
