@@ -127,6 +127,21 @@ def cli(capsys, monkeypatch):
     return run
 
 
+def classifier_top1(folder: Path, source) -> float:
+    """Top-1 of the classifier saved in `folder` on `source`, computed directly: its evaluation transform,
+    a plain forward pass, classes matched by name."""
+    import torch
+
+    from cvfm.registry import create_classifier
+
+    clf = create_classifier(str(folder)).eval()
+    transform = clf.encoder.preprocess.transform()
+    x = torch.stack([transform(source.load(i)) for i in range(len(source))])
+    labels = torch.tensor([clf.classes.index(source.classes[y]) for y in source.labels])
+    with torch.no_grad():
+        return int((clf(x).argmax(1) == labels).sum()) / len(labels)
+
+
 TOY_COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 60, 230), "yellow": (235, 220, 30)}
 
 

@@ -11,6 +11,7 @@ import signal
 import pytest
 import torch
 from clitools import assert_usage_error, one_json_line
+from conftest import classifier_top1
 from safetensors.torch import load_file, save_file
 
 from cvfm.data.exclude import drop_ids, excluded_ids, ids_sha256, read_ids
@@ -54,16 +55,6 @@ def _same_tensors(a: dict, b: dict) -> None:
 
 def _head(run) -> dict:
     return load_file(run / "classifier" / "head.safetensors")
-
-
-def _top1(run, source) -> float:
-    """The run's saved classifier on `source` (its evaluation transform, classes matched by name)."""
-    clf = create_classifier(str(run)).eval()
-    transform = clf.encoder.preprocess.transform()
-    x = torch.stack([transform(source.load(i)) for i in range(len(source))])
-    labels = torch.tensor([clf.classes.index(source.classes[y]) for y in source.labels])
-    with torch.no_grad():
-        return int((clf(x).argmax(1) == labels).sum()) / len(labels)
 
 
 # ------------------------------------------------------------------------------------------ the classifier
@@ -192,8 +183,8 @@ def test_full_finetune_trains_a_classifier_that_reloads(tmp_path):
     assert record["data"]["images"] == 359 and len(record["data"]["classes"]) == 10
     assert record["excluded"] is None
     # The classifier's own top-1 on its training images (0.32 here; chance is 0.1).
-    assert record["train_top1"] == pytest.approx(_top1(run, open_source(DIGITS, split="test")), abs=1e-6)
-    assert record["train_top1"] > 0.3
+    train_top1 = classifier_top1(run, open_source(DIGITS, split="test"))
+    assert record["train_top1"] == pytest.approx(train_top1, abs=1e-6) and train_top1 > 0.3
     assert not (run / "backbone").exists()
     clf = create_classifier(str(run)).eval()
     assert clf.classes[:3] == ["zero", "one", "two"] and not clf.frozen and clf.backbone == "cvfm/tiny-resnet"
@@ -231,7 +222,7 @@ def test_supervised_default_recipe_and_classifier_monitor(tmp_path, digit_folder
     assert [r["step"] for r in monitored] == [0, 4]
     # The last reading is the saved classifier's top-1 on the test split (0.16 here after one short epoch).
     test = open_source(str(digit_folder), split="test")
-    assert monitored[-1]["monitor/top1"] == pytest.approx(_top1(run, test), abs=1e-6)
+    assert monitored[-1]["monitor/top1"] == pytest.approx(classifier_top1(run, test), abs=1e-6)
 
 
 def test_interrupted_finetune_resumes_to_identical_weights(tmp_path, digit_folder):
@@ -265,7 +256,8 @@ def test_frozen_linear_and_knn_finetune(tmp_path):
         record = json.loads((run / "run.json").read_text())
         assert record["status"] == "finished" and record["finetune"]["head"] == head
         assert record["data"]["images"] == 359
-        assert record["train_top1"] == pytest.approx(_top1(run, open_source(DIGITS, split="test")), abs=1e-6)
+        train_top1 = classifier_top1(run, open_source(DIGITS, split="test"))
+        assert record["train_top1"] == pytest.approx(train_top1, abs=1e-6)
         assert record["resolved"]["head"] == head
         clf = create_classifier(str(run))
         assert clf.frozen and isinstance(clf.head, LinearHead if head == "linear" else KnnHead)
@@ -389,7 +381,7 @@ def test_finetune_cli_leaves_out_ledger_ids(tmp_path, cli):
     assert record["head"] == "knn" and record["frozen"] is True and record["classes"] == 10
     assert record["train_images"] == 350 and record["excluded"] == 9
     retain, _ = drop_ids(source, set(source.items[i].id for i in range(9)))
-    assert record["train_top1"] == pytest.approx(_top1(out, retain), abs=1e-6)
+    assert record["train_top1"] == pytest.approx(classifier_top1(out, retain), abs=1e-6)
     assert "left out 9 training image(s)" in r.err
     assert len(create_classifier(str(out)).head.ids) == 350
 
