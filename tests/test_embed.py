@@ -299,12 +299,15 @@ def test_sigterm_leaves_whole_parts_and_a_rerun_finishes(tmp_path):
     deadline = time.monotonic() + 120
     while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
+    proc.send_signal(signal.SIGSTOP)  # frozen right after its first part: it cannot finish before SIGTERM
+    assert proc.poll() is None, "the run ended before it could be interrupted"
     proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGCONT)
     _, err = proc.communicate(timeout=60)
     assert first.exists(), err.decode()
     done = _read(out, ("image",))["parts"]
-    if proc.returncode == 130:  # stopped early (the run may also have finished before the signal landed)
-        assert b"interrupted after" in err and len(done) < 18
+    assert proc.returncode == 130 and b"interrupted after" in err, err.decode()
+    assert 1 <= len(done) < 18
     for p in done:  # whatever is on disk is whole: 359 rows in 17 parts of 20 and one of 19
         assert len(np.load(out / "img_emb" / f"img_emb_{p}.npy")) == (20 if p < 17 else 19)
     summary = embed("cvfm/tiny-resnet", "builtin:digits", str(out), **opts)  # the same command again
