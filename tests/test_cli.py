@@ -19,8 +19,11 @@ import pytest
 import torch
 from clitools import Result, assert_usage_error, one_json_line
 from PIL import Image
+from safetensors.torch import load_file
 
 import cvfm
+from cvfm.eval.knn import knn_evaluate
+from cvfm.registry import create_encoder
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -44,6 +47,17 @@ def _subprocess(*args, timeout=120) -> Result:
 def _write_png(path: Path, pixels: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels).save(path)
+
+
+def _features(model: str, folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The model (seeded as the commands seed it) called directly on a folder split: (features, labels)."""
+    torch.manual_seed(0)
+    encoder = create_encoder(model).eval()
+    paths = sorted((folder / split).glob("*/*.png"))
+    x = torch.stack([encoder.preprocess.transform()(Image.open(p).convert("RGB")) for p in paths])
+    with torch.no_grad():
+        feats = encoder(x).numpy()
+    return feats, np.array([LABELS[p.parent.name] for p in paths])
 
 
 def _tree(folder: Path) -> dict[str, str]:
@@ -140,13 +154,17 @@ def test_evaluate_knn_in_process_and_output_file_appends(cli, digit_folder, tmp_
 
 
 def test_evaluate_linear_on_folder(cli, digit_folder):
-    # tiny-resnet (random init, 128 dims) keeps the 9-point sweep quick; only the record's shape is checked.
+    from cvfm.eval.linear import linear_evaluate
+
+    # tiny-resnet (random init, 128 dims) keeps the 9-point sweep quick.
     record = one_json_line(
         cli("evaluate", "linear", "cvfm/tiny-resnet", "--data", digit_folder, "--num-workers", "0")
     )
     assert record["task"] == "linear" and record["data"]["train"] == 128
     assert set(record["metrics"]) == {"linear_top1", "val_top1", "best_lr", "best_weight_decay"}
-    assert 0.0 <= record["metrics"]["linear_top1"] <= 1.0
+    # The probe (tested on hand-made features in test_eval.py) on the model's own features of each split.
+    train, test = (_features("cvfm/tiny-resnet", digit_folder, split) for split in ("train", "test"))
+    assert record["metrics"] == pytest.approx(linear_evaluate(*train, *test, seed=0), abs=1e-9)
 
 
 # ---------------------------------------------------------------------------------------------- usage errors
@@ -287,12 +305,19 @@ def test_pretrain_end_to_end(cli, digit_folder, tmp_path, method, opts):
     assert_usage_error(cli(*args), str(run), "--overwrite")
     assert _tree(run) == before
 
-    # The run folder is a registry model.
+    # The optimizer ran: every weight of the saved backbone moved from the random init (seed 0).
+    torch.manual_seed(0)
+    initial = dict(create_encoder("cvfm/tiny-resnet").model.named_parameters())
+    saved = load_file(run / "backbone" / "model.safetensors")
+    assert [k for k, w in initial.items() if not torch.equal(saved[k], w)] == list(initial)
+
+    # The run folder is a registry model: the k-NN of its backbone's features, computed here.
+    train, test = (_features(str(run), digit_folder, split) for split in ("train", "test"))
     record = one_json_line(
         cli("evaluate", "knn", run, "--data", digit_folder, "--num-workers", "0", "--k", "5")
     )
     assert record["model"] == str(run)
-    assert 0.0 <= record["metrics"]["knn_top1@5"] <= 1.0
+    assert record["metrics"] == pytest.approx(knn_evaluate(*train, *test, ks=(5,)), abs=1e-9)
     assert record["data"] == {"train": 128, "test": 32, "skipped": []}
 
 
