@@ -125,7 +125,9 @@ def test_dino_without_centering_or_sharpening_shows_collapse(tmp_path):
     no_center, _ = _entropy_run(tmp_path, "no_center", centering="false")
     no_sharpen, _ = _entropy_run(tmp_path, "no_sharpen", sharpening="false")
     # DINO paper, Fig. 7: sharpening alone collapses to one dimension (entropy -> 0),
-    # centering alone to the uniform distribution (entropy -> ln K).
+    # centering alone to the uniform distribution (entropy -> ln K). Measured, first step -> mean of the
+    # last 5 (ln K = 4.16): both 2.97 -> 3.86, no centering 2.97 -> 1.33, no sharpening 3.90 -> 4.14;
+    # neither collapse threshold holds at the random init.
     assert no_center < 0.5 * healthy
     assert no_sharpen > 0.99 * ln_k
     assert healthy < 0.97 * ln_k
