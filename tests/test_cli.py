@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 import cvfm
 from cvfm.eval.knn import knn_evaluate
+from cvfm.eval.linear import linear_evaluate
 from cvfm.registry import create_encoder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,8 +155,6 @@ def test_evaluate_knn_in_process_and_output_file_appends(cli, digit_folder, tmp_
 
 
 def test_evaluate_linear_on_folder(cli, digit_folder):
-    from cvfm.eval.linear import linear_evaluate
-
     # tiny-resnet (random init, 128 dims) keeps the 9-point sweep quick.
     record = one_json_line(
         cli("evaluate", "linear", "cvfm/tiny-resnet", "--data", digit_folder, "--num-workers", "0")
