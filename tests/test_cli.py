@@ -351,7 +351,8 @@ def test_pretrain_on_builtin_digits_then_evaluate(cli, tmp_path, method, opts):
     info = json.loads((run / "run.json").read_text())
     assert info["status"] == "finished" and info["resolved"]["steps_per_epoch"] == 1797 // 64
     record = one_json_line(cli("evaluate", "knn", run, "--data", "builtin:digits", "--num-workers", "0"))
-    assert record["metrics"]["knn_top1@20"] > 0.3
+    # The random init already scores 0.84; one epoch: SimCLR 0.91, BYOL 0.89, DINO 0.91.
+    assert record["metrics"]["knn_top1@20"] > 0.87
 
 
 # ---------------------------------------------------------------------------------------------- bad images
