@@ -61,6 +61,14 @@ def _features(model: str, folder: Path, split: str) -> tuple[np.ndarray, np.ndar
     return feats, np.array([LABELS[p.parent.name] for p in paths])
 
 
+def _assert_every_weight_moved(run: Path) -> None:
+    """The optimizer ran: every weight of the run's backbone differs from the random init (seed 0)."""
+    torch.manual_seed(0)
+    initial = dict(create_encoder("cvfm/tiny-resnet").model.named_parameters())
+    saved = load_file(run / "backbone" / "model.safetensors")
+    assert [k for k, w in initial.items() if not torch.equal(saved[k], w)] == list(initial)
+
+
 def _tree(folder: Path) -> dict[str, str]:
     """Relative path -> content hash of every file under `folder`."""
     return {
@@ -307,11 +315,7 @@ def test_pretrain_end_to_end(cli, digit_folder, tmp_path, method, opts):
     assert_usage_error(cli(*args), str(run), "--overwrite")
     assert _tree(run) == before
 
-    # The optimizer ran: every weight of the saved backbone moved from the random init (seed 0).
-    torch.manual_seed(0)
-    initial = dict(create_encoder("cvfm/tiny-resnet").model.named_parameters())
-    saved = load_file(run / "backbone" / "model.safetensors")
-    assert [k for k, w in initial.items() if not torch.equal(saved[k], w)] == list(initial)
+    _assert_every_weight_moved(run)
 
     # The run folder is a registry model: the k-NN of its backbone's features, computed here.
     train, test = (_features(str(run), digit_folder, split) for split in ("train", "test"))
@@ -351,8 +355,10 @@ def test_pretrain_on_builtin_digits_then_evaluate(cli, tmp_path, method, opts):
     info = json.loads((run / "run.json").read_text())
     assert info["status"] == "finished" and info["resolved"]["steps_per_epoch"] == 1797 // 64
     record = one_json_line(cli("evaluate", "knn", run, "--data", "builtin:digits", "--num-workers", "0"))
-    # The random init already scores 0.84; one epoch: SimCLR 0.91, BYOL 0.89, DINO 0.91.
-    assert record["metrics"]["knn_top1@20"] > 0.87
+    # The random init scores 0.84; one epoch: SimCLR 0.905, BYOL 0.894, DINO 0.905. Without optimizer steps
+    # (BatchNorm statistics adapted only): 0.875, 0.872, 0.866.
+    assert record["metrics"]["knn_top1@20"] > 0.88
+    _assert_every_weight_moved(run)
 
 
 # ---------------------------------------------------------------------------------------------- bad images
