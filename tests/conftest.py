@@ -81,6 +81,25 @@ def digit_folder(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def empty_hf_cache(tmp_path, monkeypatch) -> Path:
+    """An empty model cache, offline: tests of the "not in the local cache" error then run on any machine,
+    whatever its own cache holds. huggingface_hub reads the cache paths once, at import: patch those too."""
+    from huggingface_hub import constants
+
+    home = tmp_path / "hf-home"
+    hub = home / "hub"
+    hub.mkdir(parents=True)
+    for name, value in (("HF_HOME", home), ("HF_HUB_CACHE", hub), ("TORCH_HOME", tmp_path / "torch")):
+        monkeypatch.setenv(name, str(value))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HOME", str(home))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(constants, "HUGGINGFACE_HUB_CACHE", str(hub))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return hub
+
+
+@pytest.fixture
 def cli(capsys, monkeypatch):
     """Run `cvfm ARGS...` in-process; returns Result(code, stdout, stderr)."""
     from cvfm.cli import app as app_module
@@ -106,6 +125,21 @@ def cli(capsys, monkeypatch):
         return Result(code, out, err)
 
     return run
+
+
+def classifier_top1(folder: Path, source) -> float:
+    """Top-1 of the classifier saved in `folder` on `source`, computed directly: its evaluation transform,
+    a plain forward pass, classes matched by name."""
+    import torch
+
+    from cvfm.registry import create_classifier
+
+    clf = create_classifier(str(folder)).eval()
+    transform = clf.encoder.preprocess.transform()
+    x = torch.stack([transform(source.load(i)) for i in range(len(source))])
+    labels = torch.tensor([clf.classes.index(source.classes[y]) for y in source.labels])
+    with torch.no_grad():
+        return int((clf(x).argmax(1) == labels).sum()) / len(labels)
 
 
 TOY_COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 60, 230), "yellow": (235, 220, 30)}

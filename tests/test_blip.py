@@ -115,9 +115,14 @@ def test_registry_tiny_blip_captions_and_matches(x):
     c = create_captioner("cvfm/tiny-blip").eval()
     caps = c.generate(x, num_beams=2, **GEN)
     assert len(caps) == 2 and all(len(cs) == 1 and isinstance(cs[0], str) for cs in caps)
+    assert caps == _direct(c, x, 1, num_beams=2, **GEN)  # transformers' own generate and decode
     m = create_matcher("cvfm/tiny-blip").eval()
+    enc = m.tokenizer(TEXTS, padding="longest", return_tensors="pt")
+    with torch.no_grad():
+        itm = m.model(pixel_values=x, **enc, use_itm_head=True).itm_score  # the model's ITM head directly
     p = m.itm_probs(x, TEXTS)
-    assert p.shape == (2,) and bool(((p > 0) & (p < 1)).all())
+    assert p.shape == (2,)
+    torch.testing.assert_close(p, F.softmax(itm, dim=-1)[:, 1], rtol=0, atol=1e-6)
 
 
 def test_loss_is_the_models_lm_loss(captioner, x):
@@ -221,7 +226,7 @@ def test_a_folder_of_the_other_blip_class_is_a_usage_error(tmp_path, matcher, ca
         create_matcher(str(cap))
 
 
-def test_uncached_hub_model_is_a_one_line_usage_error():
+def test_uncached_hub_model_is_a_one_line_usage_error(empty_hf_cache):
     with pytest.raises(UsageError) as e:
         create_captioner("hf/Salesforce/blip-image-captioning-base")
     assert "not in the local Hugging Face cache" in str(e.value) and "\n" not in str(e.value)

@@ -68,11 +68,11 @@ def test_clip_loss_is_symmetric_in_images_and_texts_and_bounded():
 
 def test_clip_loss_gradient_reaches_features_and_logit_scale():
     g = torch.Generator().manual_seed(2)
-    img = torch.randn(4, 6, generator=g).requires_grad_(True)
-    txt = torch.randn(4, 6, generator=g).requires_grad_(True)
-    scale = torch.tensor(math.log(1 / 0.07), requires_grad=True)
-    clip_loss(img, txt, scale).backward()
-    assert img.grad.abs().sum() > 0 and txt.grad.abs().sum() > 0 and scale.grad.abs() > 0
+    img = torch.randn(4, 6, generator=g, dtype=torch.float64).requires_grad_(True)
+    txt = torch.randn(4, 6, generator=g, dtype=torch.float64).requires_grad_(True)
+    scale = torch.tensor(math.log(1 / 0.07), dtype=torch.float64, requires_grad=True)
+    # Every gradient entry (features and scale) against finite differences of the loss.
+    assert torch.autograd.gradcheck(clip_loss, (img, txt, scale))
 
 
 # ---------------------------------------------------------------------------------------------- the method
@@ -113,10 +113,18 @@ def test_forward_logs_scale_and_feature_spread_and_needs_tokens():
     assert len(views) == 1 and views[0].shape == (3, 32, 32)
     x = torch.stack([views[0], views[0].flip(-1)])
     tokens = method.encoder.tokenizer(["a red square", "a blue square"])
+    with torch.no_grad():
+        img, txt = method.encoder.encode_image(x).double(), method.encoder.encode_text(tokens).double()
     loss, logs = method([x], 0, tokens=tokens)
-    assert math.isfinite(loss.item())
+    assert loss.item() == pytest.approx(
+        _clip_loss_by_hand(img.numpy(), txt.numpy(), math.log(1 / 0.07)), rel=1e-5
+    )
     assert logs["logit_scale"] == pytest.approx(1 / 0.07, rel=1e-4)
-    assert {"feature_std", "text_feature_std"} <= logs.keys()
+    # The spread: per-dimension std (n - 1) of the unit features, averaged over dimensions.
+    for key, z in (("feature_std", img), ("text_feature_std", txt)):
+        unit = z / z.norm(dim=1, keepdim=True)
+        by_hand = float(((unit - unit.mean(0)) ** 2).sum(0).div(len(unit) - 1).sqrt().mean())
+        assert logs[key] == pytest.approx(by_hand, rel=1e-5)
     with pytest.raises(ValueError, match="tokens"):
         method([x], 0)
 

@@ -190,12 +190,7 @@ def test_image_only_folder_is_not_a_dual_encoder(tmp_path):
         create_dual_encoder(str(tmp_path / "vit"))
 
 
-def test_uncached_transformers_model_offline(monkeypatch):
-    from huggingface_hub import try_to_load_from_cache
-
-    if isinstance(try_to_load_from_cache("openai/clip-vit-base-patch32", "config.json"), str):
-        pytest.skip("openai/clip-vit-base-patch32 is in this machine's Hugging Face cache")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_uncached_transformers_model_offline(empty_hf_cache):
     with pytest.raises(
         UsageError, match=r"'hf/openai/clip-vit-base-patch32' is not in the local Hugging Face cache"
     ):
@@ -463,14 +458,7 @@ def test_open_clip_quick_gelu_tag_builds_quick_gelu(fake_hub, x):
     "model_id",
     ["open_clip/ViT-B-32:laion2b_s34b_b79k", "open_clip/hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K"],
 )
-def test_uncached_open_clip_weights_offline(monkeypatch, model_id):
-    from huggingface_hub import try_to_load_from_cache
-
-    if isinstance(
-        try_to_load_from_cache("laion/CLIP-ViT-B-32-laion2B-s34B-b79K", "open_clip_config.json"), str
-    ):
-        pytest.skip("the laion ViT-B-32 repo is in this machine's Hugging Face cache")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_uncached_open_clip_weights_offline(empty_hf_cache, model_id):
     message = (
         rf"'{model_id}' is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading it"
     )

@@ -26,7 +26,7 @@ from cvfm.data.sources import open_source
 from cvfm.embed import embed
 from cvfm.embed.plan import PartBatchSampler, Plan
 from cvfm.errors import UsageError
-from cvfm.registry import create_dual_encoder
+from cvfm.registry import create_dual_encoder, create_encoder
 from cvfm.runtime import precision as precision_module
 from cvfm.runtime.precision import resolve_precision
 
@@ -300,7 +300,10 @@ def test_sigterm_leaves_whole_parts_and_a_rerun_finishes(tmp_path):
     deadline = time.monotonic() + 120
     while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
+    proc.send_signal(signal.SIGSTOP)  # frozen right after its first part: it cannot finish before SIGTERM
+    assert proc.poll() is None, "the run ended before it could be interrupted"
     proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGCONT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err.decode()  # stopped early, not finished before the signal landed
     done = _read(out, ("image",))["parts"]
@@ -547,7 +550,7 @@ def test_embed_folder_writes_aligned_npy_and_parquet(cli, digit_folder, tmp_path
 
     out = tmp_path / "emb"
     args = ("embed", "cvfm/tiny-resnet", "--data", digit_folder, "--split", "test", "-o", out)
-    r = cli(*args, "--num-workers", "0", "--batch-size", "10")
+    r = cli(*args, "--num-workers", "0", "--batch-size", "10", "--precision", "fp32")
     assert r.code == 0, r.err
     summary = json.loads(r.out)
     assert summary["rows"] == 32 and summary["dims"] == {"image": 128} and summary["skipped"] == []
@@ -559,6 +562,14 @@ def test_embed_folder_writes_aligned_npy_and_parquet(cli, digit_folder, tmp_path
     assert table["id"] == sorted(table["id"])
     assert table["label"] == [image_id.split("/")[0] for image_id in table["id"]]  # the class folder
     assert all(Path(p).is_file() for p in table["image"])
+    # ... and is the embedding of that image: the model called directly.
+    torch.manual_seed(0)
+    encoder = create_encoder("cvfm/tiny-resnet").eval()
+    with torch.no_grad():
+        direct = encoder(
+            torch.stack([encoder.preprocess.transform()(decode_image(p)) for p in table["image"]])
+        )
+    np.testing.assert_allclose(emb, torch.nn.functional.normalize(direct, dim=-1).numpy(), atol=2e-5)
 
     # Another model into the same folder is refused and leaves it as it was; --overwrite replaces it.
     before = _tree(out)

@@ -87,10 +87,11 @@ def test_knn_evaluate_several_k_and_top5_only_with_more_than_five_classes():
     test_labels = np.array([0, 1, 1])
     metrics = knn_evaluate(train, labels, test, test_labels, ks=(1, 2, 5))
     assert set(metrics) == {"knn_top1@1", "knn_top1@2", "knn_top1@5"}
-    # (0.7, 0.75) is closest in angle to (0.1, 0.9) (cos 0.80) then (-0.05, 1) (0.76): class 1.
-    assert metrics["knn_top1@1"] == pytest.approx(1.0)
-    for value in metrics.values():
-        assert 0.0 <= value <= 1.0
+    # (0.7, 0.75) is closest in angle to (0.1, 0.9) (cos 0.80), then (0.05, 1) (0.76), (0.9, 0.1) (0.76),
+    # (1, 0.05) (0.72), (-0.05, 1) (0.70): class 1 at k = 1 and 2; at k = 5 class 1 weighs
+    # e^(0.80/T) + e^(0.76/T) + e^(0.70/T) against e^(0.76/T) + e^(0.72/T) for class 0. The two
+    # axis-aligned queries have their own class's three points nearest.
+    assert metrics == {"knn_top1@1": 1.0, "knn_top1@2": 1.0, "knn_top1@5": 1.0}
 
     rng = np.random.default_rng(0)
     centres = np.eye(8, dtype=np.float32)[:6] * 5

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from cvfm.errors import UsageError
+from cvfm.eval.run import evaluate
 from cvfm.runtime.checkpoint import latest_checkpoint
 from cvfm.runtime.trainer import PretrainConfig, pretrain
 
@@ -126,7 +127,9 @@ def test_dino_without_centering_or_sharpening_shows_collapse(tmp_path):
     no_center, _ = _entropy_run(tmp_path, "no_center", centering="false")
     no_sharpen, _ = _entropy_run(tmp_path, "no_sharpen", sharpening="false")
     # DINO paper, Fig. 7: sharpening alone collapses to one dimension (entropy -> 0),
-    # centering alone to the uniform distribution (entropy -> ln K).
+    # centering alone to the uniform distribution (entropy -> ln K). Measured, first step -> mean of the
+    # last 5 (ln K = 4.16): both 2.97 -> 3.86, no centering 2.97 -> 1.33, no sharpening 3.90 -> 4.14;
+    # neither collapse threshold holds at the random init.
     assert no_center < 0.5 * healthy
     assert no_sharpen > 0.99 * ln_k
     assert healthy < 0.97 * ln_k
@@ -146,8 +149,15 @@ def test_trackers_monitor_and_run_record(tmp_path, digit_folder):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     monitored = [r for r in records if "monitor/knn_top1@20" in r]
     assert [r["step"] for r in monitored] == [0, 4, 8]  # before training, then after each epoch
-    assert all(0.0 <= r["monitor/knn_top1@20"] <= 1.0 for r in monitored)
-    assert monitored[-1]["monitor/knn_top1@20"] > 0.5  # 4 digit classes: chance is 0.25
+
+    # Each reading is `evaluate knn` of the weights at that step: first the random init (0.8125 here, far
+    # above the chance 0.25, so no threshold tells trained from untrained), last the saved backbone.
+    def knn(model: str) -> float:
+        record = evaluate("knn", model, str(digit_folder), ks=(20,), num_workers=0, device="cpu")
+        return record["metrics"]["knn_top1@20"]
+
+    assert monitored[0]["monitor/knn_top1@20"] == pytest.approx(knn("cvfm/tiny-resnet"), abs=1e-9)
+    assert monitored[-1]["monitor/knn_top1@20"] == pytest.approx(knn(str(run)), abs=1e-9)
     record = json.loads((run / "run.json").read_text())
     assert record["status"] == "finished" and record["step"] == 8
     assert record["resolved"]["total_steps"] == 8 and record["resolved"]["steps_per_epoch"] == 4

@@ -283,8 +283,7 @@ def test_unknown_model_kind():
 
 
 @pytest.mark.parametrize("model_id", ["hf/some-org/not-cached", "timm/resnet50"])
-def test_uncached_pretrained_weights_offline(monkeypatch, model_id):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_uncached_pretrained_weights_offline(empty_hf_cache, model_id):
     with pytest.raises(UsageError, match=rf"'{model_id}' is not in the local Hugging Face cache"):
         create_encoder(model_id)
 

@@ -131,6 +131,9 @@ def test_knn_head_drops_the_forgotten_rows(cli, trained, tmp_path):
 
 
 def test_approximate_method_forgets_a_class(cli, trained, tmp_path):
+    # lr 0.8 at batch 256 is 0.05 at this model's batch 16: its own training rate, 80x the published 0.01.
+    # The published rate suits 10 epochs after 182; here (8 training epochs) it forgets nothing: measured
+    # UA 0.0 after 30 epochs at 0.01, 0.0 after 6 at 0.08, 0.09 after 3 at 0.2; 1.0 after 3 at 0.8.
     rec = one_json_line(
         cli("unlearn", "--model", trained["full"], "--forget-class", "zero", "--method", "random-label",
             "--epochs", "3", "--opt", "lr=0.8", "--num-workers", "0", "-o", tmp_path / "rl")
@@ -138,7 +141,10 @@ def test_approximate_method_forgets_a_class(cli, trained, tmp_path):
     assert rec["guarantee"] == "empirical" and rec["exact"] is False
     assert rec["settings"]["epochs"] == 3
     after, before = rec["audit"]["after"], rec["audit"]["before"]
-    assert after["ua"] > before["ua"] + 0.3
+    assert before["ua"] == 0.0 and before["forget_test_accuracy"] == 1.0
+    assert after["ua"] >= 0.9 and after["forget_test_accuracy"] <= 0.1  # 1.0 and 0.0 here
+    # ... while keeping the rest: measured RA 0.96 and TA 1.0 (1.0 and 1.0 before).
+    assert after["ra"] >= 0.9 and after["ta"] >= 0.9
     assert json.loads((tmp_path / "rl" / "unlearn.json").read_text())["method"] == "random-label"
 
 

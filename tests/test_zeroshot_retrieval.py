@@ -401,6 +401,20 @@ def test_evaluate_retrieval_with_known_embeddings(caption_manifest):
 # --------------------------------------------------------------------------------------------- cvfm/tiny-clip
 
 
+def _tiny_clip_embeddings(folder: Path, images: list[str], texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """cvfm/tiny-clip (seed 0, as the commands build it) called directly: unit image and text embeddings."""
+    from PIL import Image
+
+    from cvfm.registry import create_dual_encoder
+
+    torch.manual_seed(0)
+    dual = create_dual_encoder("cvfm/tiny-clip").eval()
+    x = torch.stack([dual.preprocess.transform()(Image.open(folder / i).convert("RGB")) for i in images])
+    with torch.no_grad():
+        img, txt = dual.encode_image(x), dual.encode_text(dual.tokenizer(texts))
+    return nn.functional.normalize(img, dim=-1).numpy(), nn.functional.normalize(txt, dim=-1).numpy()
+
+
 def test_evaluate_zeroshot_tiny_clip_end_to_end(colour_manifest):
     manifest, bad = colour_manifest
     record = evaluate_zeroshot(
@@ -421,9 +435,12 @@ def test_evaluate_zeroshot_tiny_clip_end_to_end(colour_manifest):
     assert record["dataset"] == str(manifest) and record["precision"] == "fp32"
     m = record["metrics"]
     assert set(m) == {"acc1", "acc5", "mean_per_class_recall"} and m["acc5"] is None
-    # 5 images: accuracy is a multiple of 1/5; per-class recall a mean of multiples of 1/3 and 1/2.
-    assert 0.0 <= m["acc1"] <= 1.0 and round(m["acc1"] * 5, 6).is_integer()
-    assert 0.0 <= m["mean_per_class_recall"] <= 1.0
+    # By hand: the cosine argmax over the two class prompts (classes sorted: blue, red).
+    images = ["red0.png", "red1.png", "blue2.png", "blue3.png", "purple.png"]
+    img, txt = _tiny_clip_embeddings(manifest.parent, images, ["a photo of a blue.", "a photo of a red."])
+    labels, predicted = np.array([1, 1, 0, 0, 1]), (img @ txt.T).argmax(1)
+    assert m["acc1"] == pytest.approx(float((predicted == labels).mean()), abs=1e-9)
+    assert m["mean_per_class_recall"] == pytest.approx(balanced_accuracy_score(labels, predicted), abs=1e-9)
     assert record["data"] == {
         "split": None,
         "images": 5,
@@ -442,7 +459,14 @@ def test_evaluate_retrieval_tiny_clip_end_to_end(caption_manifest):
     )
     m = record["metrics"]
     assert set(m) == {f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)}
-    assert 0.0 <= m["image_retrieval_recall@1"] <= 1.0 and 0.0 <= m["text_retrieval_recall@1"] <= 1.0
+    # By hand: image 0 (red) has captions 0, 1, 3; image 1 (blue) caption 2.
+    captions = ["red thing", "crimson", "blue thing", "scarlet"]
+    img, txt = _tiny_clip_embeddings(manifest.parent, ["red.png", "blue.png"], captions)
+    sim, owner = img @ txt.T, np.array([0, 0, 1, 0])
+    assert m["image_retrieval_recall@1"] == pytest.approx(float((sim.argmax(0) == owner).mean()), abs=1e-9)
+    assert m["text_retrieval_recall@1"] == pytest.approx(
+        float(np.mean([owner[sim[i].argmax()] == i for i in range(2)])), abs=1e-9
+    )
     # Two images and four captions: every k >= 4 retrieves all candidates.
     assert all(m[f"{d}_retrieval_recall@{k}"] == 1.0 for d in ("image", "text") for k in (5, 10))
     assert record["data"]["images"] == 2 and record["data"]["texts"] == 4
