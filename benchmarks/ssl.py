@@ -321,8 +321,9 @@ def test_settings(records: list[dict], methods: list[str]) -> list[tuple[str, di
     """(method, candidate) pairs reported on test: each method's validation pick and the paper's."""
     out = []
     for name in methods:
-        picks = [select(records, name)[0], GRID[name][0]]
-        out += [(name, c) for c in picks if (name, c) not in out]
+        for cand in (select(records, name)[0], GRID[name][0]):
+            if (name, cand) not in out:
+                out.append((name, cand))
     return out
 
 
@@ -499,7 +500,7 @@ def targets(records: list[dict], methods: list[str]) -> list[str]:
         knn, lin = statistics.fmean(row["knn_gain"]), statistics.fmean(row["linear_gain"])
         ok = "meets" if knn >= 5 and lin >= 10 else "misses"
         lines.append(
-            f"{row['method']} ({describe(row['candidate'])}; {row['tag'] or 'not selected'}): mean gain "
+            f"{row['method']} ({describe(row['candidate'])}; {row['tag'] or 'defaults'}): mean gain "
             f"k-NN {knn:+.2f}, linear {lin:+.2f} over {len(row['knn_gain'])} seed(s): {ok} +5 / +10"
         )
     return lines
