@@ -1,32 +1,38 @@
 """Self-supervised pre-training benchmark: quality at a fixed budget, and training-step speed vs lightly.
 
-Run from the repository root with the venv active (lightly is the `bench` extra, installed --no-deps):
+Run from the repository root with the venv active (lightly, the `bench` extra, only for the speed part):
 
-    HF_HUB_OFFLINE=1 python benchmarks/ssl.py --quick                 # smoke test on builtin:digits, < 2 min
-    HF_HUB_OFFLINE=1 python benchmarks/ssl.py                         # default budget on builtin:animal-mnist
-    HF_HUB_OFFLINE=1 python benchmarks/ssl.py --epochs 10 --methods simclr,byol --json out.json
+    HF_HUB_OFFLINE=1 python benchmarks/ssl.py --quick --skip-speed    # smoke test on builtin:digits
+    HF_HUB_OFFLINE=1 python benchmarks/ssl.py --skip-speed            # quality: hours on 2 CPU cores
     HF_HUB_OFFLINE=1 python benchmarks/ssl.py --skip-quality          # only the step-speed comparison
-    HF_HUB_OFFLINE=1 nohup python benchmarks/ssl.py --json /tmp/ssl.json > /tmp/ssl_bench.log 2>&1 &
+    HF_HUB_OFFLINE=1 python benchmarks/ssl.py --summarise runs/ssl-quality.jsonl --markdown
 
-Part 1 (quality): for each method, `pretrain(...)` cvfm/tiny-resnet from random init (seed 0) on the train
-split, then `evaluate("knn" | "linear", run, data)` (train split = bank / probe training set, test split
-scored). Baselines: the same random-init encoder (presets are seeded by torch.manual_seed, and pretrain
-and evaluate both seed 0 before building the encoder, so "random init" is the exact starting point of
-every run) and raw pixels (cvfm/pixels). "gain" is top-1 minus random init's, in points. The default
-budget is 20 epochs of batch 64 per method (2 to 4 minutes each on a 2-core CPU), with DINO on its 2
-global crops only, instead of cvfm's default 2 + 8 local: at 32 px the 14-px local crops cost more than
-they teach in a short run (20 epochs with 2 local crops: k-NN +3.55, linear +9.55; without: +6.90 /
-+12.80), and they slow the augmenting loader workers. --dino-local-crops 8 runs the full recipe.
+Part 1 (quality): cvfm/tiny-resnet pre-trained from random init at a fixed budget (default 20 epochs
+of batch 64) on builtin:animal-mnist, scored by `evaluate("knn" | "linear", ...)` (train split = k-NN
+bank / probe training set). In two phases:
 
-BYOL and DINO run with SHORT_RUN options: a slower EMA target (BYOL 0.999, DINO 0.9995) and milder crops
-(BYOL min scale 0.5, DINO global crops 0.6-1). With the papers' defaults, a few thousand steps collapse
-their features onto a handful of directions (effective rank ~4-5 of 128, against 16 at random init and
-12 for SimCLR), which drags k-NN below random init; the slow target keeps it at 9-11.
---paper-defaults runs cvfm's defaults instead. --lr and --opt exist to explore.
+1. Validation. --val-size train images (default 1,000, stratified, seed 0) are held out; they and the
+   rest are written as PNG files with a JSONL manifest (splits "val" / "train"). Each BYOL and DINO
+   candidate of GRID (the papers' EMA and crop scales, and slower / milder ones) is pre-trained on the
+   rest (--select-seeds, default seed 0) and scored on "val". The rule, fixed before any run: the
+   candidate with the highest validation k-NN + linear top-1 is selected; a tie goes to the paper's.
+2. Test. SimCLR, each method's selected candidate and the papers' defaults are pre-trained on the whole
+   train split for every seed of --seeds (default 0, 1, 2) and scored on the test split, as are the
+   random-init encoder (the exact starting point of the run with the same seed: evaluate and pretrain
+   both seed before building it) and raw pixels (cvfm/pixels). Gains are over random init of the same
+   seed; tables give mean ± std over seeds.
+
+DINO runs on its 2 global crops only (--dino-local-crops 8 runs cvfm's full recipe); in the validation
+phase its head size is pinned to the one the whole train split resolves to. Every run also reports the
+effective rank of its features of the scored split (exp of the entropy of the normalised eigenvalues of
+their covariance) and the share of the variance along the top direction: collapse shows there first.
+Each finished run is appended to --results (JSONL) at once; a re-run skips the runs already there, so
+an interrupted benchmark resumes, and --summarise FILE prints the tables from the file alone.
 
 Part 2 (step speed): cvfm's method module and an equivalent lightly model (the same timm backbone and
 weights, lightly's heads sized like cvfm's resolved config, lightly's loss and EMA helper, the same AdamW
-parameter groups) train on the same pre-made random batch of views. cvfm's encoder feeds conv nets
+parameter groups) train on the same pre-made random batch of views, on cvfm's default options (speed
+does not depend on the EMA rate or crop scales). cvfm's encoder feeds conv nets
 channels_last (NHWC); lightly gets the plain timm model, as its users write it, and once more (concat) the
 cvfm encoder, which isolates what the layout is worth from the method code. One step = forward, backward,
 gradient clipping (DINO), optimizer step, EMA update, `float(loss)`. Contenders alternate step by step
@@ -42,7 +48,10 @@ the thread pool and slow the step several times over. Nothing here asserts on ti
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import functools
+import hashlib
 import json
 import statistics
 import sys
@@ -57,6 +66,7 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -66,8 +76,12 @@ DEFAULT_METHODS = ("simclr", "byol", "dino")
 # --------------------------------------------------------------------------------------------- helpers
 
 
-def fmt_table(headers: list[str], rows: list[list], title: str = "") -> str:
+def fmt_table(headers: list[str], rows: list[list], title: str = "", markdown: bool = False) -> str:
     cells = [[_cell(v) for v in row] for row in rows]
+    if markdown:
+        out = [f"**{title}**", ""] if title else []
+        out += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+        return "\n".join(out + ["| " + " | ".join(r) + " |" for r in cells])
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
 
     def line(values):
@@ -95,28 +109,25 @@ def say(*parts) -> None:
 
 
 def versions() -> dict:
-    import lightly
+    from importlib.metadata import PackageNotFoundError, version
+
     import torchvision
 
     from cvfm.runtime.trainer import versions as cvfm_versions
 
-    return {**cvfm_versions(), "torchvision": torchvision.__version__, "lightly": lightly.__version__}
-
-
-# Short CPU runs on 32-px images; see the module docstring and the README's benchmark section.
-SHORT_RUN = (
-    "byol.momentum=0.999",
-    "byol.min_scale=0.5",
-    "dino.momentum_teacher=0.9995",
-    "dino.global_scale=0.6,1",
-)
+    try:
+        lightly = version("lightly")
+    except PackageNotFoundError:  # only the speed part needs it
+        lightly = None
+    return {**cvfm_versions(), "torchvision": torchvision.__version__, "lightly": lightly}
 
 
 def method_options(name: str, args) -> dict:
+    """Options every run of `name` gets: DINO's local crops, then --opt (speed part: on cvfm's defaults)."""
     opts = {}
     if name == "dino" and args.dino_local_crops is not None:
         opts["local_crops"] = str(args.dino_local_crops)
-    for item in (() if args.paper_defaults else SHORT_RUN) + tuple(args.opt):
+    for item in args.opt:
         key, _, value = item.partition("=")
         method, _, key = key.rpartition(".")
         if method in ("", name):
@@ -126,6 +137,71 @@ def method_options(name: str, args) -> dict:
 
 # --------------------------------------------------------------------------------------- part 1: quality
 
+# Candidate short-run options, scored on a validation split held out of train. The first candidate of
+# each method is cvfm's default (the paper's).
+GRID = {
+    "simclr": ({},),
+    "byol": (
+        {"momentum": "0.99", "min_scale": "0.08"},
+        {"momentum": "0.999", "min_scale": "0.08"},
+        {"momentum": "0.99", "min_scale": "0.5"},
+        {"momentum": "0.999", "min_scale": "0.5"},
+    ),
+    "dino": (
+        {"momentum_teacher": "0.996", "global_scale": "0.4,1"},
+        {"momentum_teacher": "0.9995", "global_scale": "0.4,1"},
+        {"momentum_teacher": "0.996", "global_scale": "0.6,1"},
+        {"momentum_teacher": "0.9995", "global_scale": "0.6,1"},
+    ),
+}
+VAL_SEED = 0  # the validation hold-out is the same for every training seed
+BASELINES = {"random init": "cvfm/tiny-resnet", "raw pixels": "cvfm/pixels"}
+
+
+def effective_rank(features: np.ndarray) -> tuple[float, float]:
+    """exp of the entropy of the normalised eigenvalues of the features' covariance (Roy & Vetterli
+    2007), and the share of the variance along the top direction."""
+    eig = np.clip(np.linalg.eigvalsh(np.cov(np.asarray(features, np.float64), rowvar=False)), 0, None)
+    p = eig / eig.sum()
+    nz = p[p > 0]
+    return float(np.exp(-(nz * np.log(nz)).sum())), float(p.max())
+
+
+def write_val_split(data: str, size: int, folder: Path) -> str:
+    """`data`'s train split as PNG files and a JSONL manifest: `size` images (stratified, VAL_SEED)
+    have "split": "val", the rest "split": "train". Returns the manifest's path."""
+    from sklearn.model_selection import train_test_split
+
+    from cvfm.data.sources import open_source
+
+    src = open_source(data, split="train")
+    _, val = train_test_split(np.arange(len(src)), test_size=size, stratify=src.labels, random_state=VAL_SEED)
+    is_val = np.zeros(len(src), bool)
+    is_val[val] = True
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, item in enumerate(src.items):
+        src.load(i).save(folder / f"{i}.png")
+        split = "val" if is_val[i] else "train"
+        lines.append({"id": item.id, "image": f"{i}.png", "label": src.classes[item.label], "split": split})
+    manifest = folder / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return str(manifest)
+
+
+def run_key(r: dict) -> str:
+    return json.dumps([r["config"], r["phase"], r["method"], r["options"], r["seed"]], sort_keys=True)
+
+
+def load_records(path: Path) -> list[dict]:
+    """The finished runs in a results file (a line cut short by a crash is ignored)."""
+    records = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                records.append(json.loads(line))
+    return records
+
 
 def last_epoch_record(run: Path) -> dict:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -133,116 +209,321 @@ def last_epoch_record(run: Path) -> dict:
     return epochs[-1] if epochs else {}
 
 
-def score(model: str, data: str, args) -> tuple[float, float, float]:
-    """(k-NN top-1 %, linear top-1 %, eval seconds) through cvfm's own `evaluate`."""
+def score(model: str, data: str, test_split: str, seed: int, args) -> dict:
+    """k-NN and linear top-1 (%) through cvfm's `evaluate` (bank / probe training set = split "train"),
+    and the effective rank of the encoder's features of `test_split`."""
+    from cvfm.data.sources import open_source
+    from cvfm.eval.features import extract_features
     from cvfm.eval.run import evaluate
+    from cvfm.registry import create_encoder
 
     t0 = time.perf_counter()
-    knn = evaluate("knn", model, data, num_workers=args.num_workers)["metrics"]
-    linear = evaluate("linear", model, data, num_workers=args.num_workers)["metrics"]
-    return 100 * knn["knn_top1@20"], 100 * linear["linear_top1"], time.perf_counter() - t0
+    kw = {"test_split": test_split, "seed": seed, "num_workers": args.num_workers}
+    knn = evaluate("knn", model, data, **kw)["metrics"]
+    linear = evaluate("linear", model, data, **kw)["metrics"]
+    torch.manual_seed(seed)  # a preset's random init: the weights evaluate and pretrain(seed) start from
+    feats, _, _ = extract_features(
+        create_encoder(model), open_source(data, split=test_split), num_workers=args.num_workers
+    )
+    rank, top = effective_rank(feats)
+    return {
+        "knn_top1": 100 * knn["knn_top1@20"],
+        "linear_top1": 100 * linear["linear_top1"],
+        "effective_rank": rank,
+        "top_direction_share": top,
+        "feature_dim": feats.shape[1],
+        "eval_s": time.perf_counter() - t0,
+    }
+
+
+def run_one(spec: dict, data: str, test_split: str, workdir: Path, args) -> dict:
+    """Pre-train (unless a baseline) and score one run; returns its record."""
+    from cvfm.runtime.trainer import PretrainConfig, pretrain
+
+    name, seed = spec["method"], spec["seed"]
+    if name in BASELINES:
+        return {**spec, "model": BASELINES[name], **score(BASELINES[name], data, test_split, seed, args)}
+    tag = hashlib.sha1(json.dumps(spec["options"], sort_keys=True).encode()).hexdigest()[:8]
+    out = workdir / f"{spec['phase']}-{name}-{tag}-seed{seed}"
+    t0 = time.perf_counter()
+    cfg = PretrainConfig(
+        data=data,
+        split="train",
+        method=name,
+        model="cvfm/tiny-resnet",
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        output=str(out),
+        options=spec["options"],
+        lr=args.lr,
+        seed=seed,
+        overwrite=True,  # only a run that did not reach the results file (cut short) is replaced
+    )
+    run = pretrain(cfg)
+    wall = time.perf_counter() - t0
+    last = last_epoch_record(run)
+    info = json.loads((run / "run.json").read_text())
+    return {
+        **spec,
+        "model": str(run),
+        **score(str(run), data, test_split, seed, args),
+        "pretrain_images_per_s": last.get("images_per_s"),
+        "pretrain_s": wall,
+        "final_loss": last.get("epoch/loss"),
+        "feature_std": last.get("epoch/feature_std"),
+        "lr": info["resolved"]["lr"],
+        "total_steps": info["resolved"]["total_steps"],
+        "method_config": info["method_config"],
+    }
+
+
+def config_of(args) -> dict:
+    """What makes two results files' runs comparable (the options and seed are part of each run)."""
+    keys = ("data", "epochs", "batch_size", "lr", "val_size")
+    return {k: getattr(args, k) for k in keys}
+
+
+def candidate_options(name: str, candidate: dict, args, phase: str) -> dict:
+    opts = {**candidate, **method_options(name, args)}
+    if name == "dino" and phase == "val" and "out_dim" not in opts:
+        opts["out_dim"] = str(dino_out_dim(args))  # the head of the full-train run, not the smaller one
+    return opts
+
+
+def dino_out_dim(args) -> int:
+    """DINO's automatic head size for the whole train split (it depends on the number of images)."""
+    from cvfm.data.sources import open_source
+    from cvfm.methods import Budget
+    from cvfm.methods.dino import DINOConfig
+    from cvfm.registry import create_encoder
+
+    n = len(open_source(args.data, split="train"))
+    return DINOConfig().resolve(create_encoder("cvfm/tiny-resnet"), Budget(n, 1, 1, args.batch_size)).out_dim
+
+
+def select(records: list[dict], name: str) -> tuple[dict, list[tuple[float, dict]]]:
+    """The candidate of GRID[name] with the highest validation k-NN + linear top-1 (mean over the
+    selection seeds; a tie goes to the earlier candidate, the paper's first). Also returns each
+    candidate's validation score (None until all its runs are in)."""
+    scores = []
+    for cand in GRID[name]:
+        runs = [r for r in records if r["phase"] == "val" and r["method"] == name and r["candidate"] == cand]
+        scores.append(
+            (statistics.fmean(r["knn_top1"] + r["linear_top1"] for r in runs) if runs else None, cand)
+        )
+    done = [(s, -i, i) for i, (s, _) in enumerate(scores) if s is not None]
+    best = GRID[name][max(done)[2]] if done else GRID[name][0]
+    return best, scores
+
+
+def test_settings(records: list[dict], methods: list[str]) -> list[tuple[str, dict]]:
+    """(method, candidate) pairs reported on test: each method's validation pick and the paper's."""
+    out = []
+    for name in methods:
+        for cand in (select(records, name)[0], GRID[name][0]):
+            if (name, cand) not in out:
+                out.append((name, cand))
+    return out
 
 
 def quality(args, workdir: Path) -> list[dict]:
-    from cvfm.runtime.trainer import PretrainConfig, pretrain
+    """Validation phase (the GRID, selection seeds), then the test phase (all seeds); each finished run
+    is appended to args.results at once, and runs already there are not repeated."""
+    results = Path(args.results)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    config = config_of(args)
+    records = [r for r in load_records(results) if r["config"] == config]
+    done = {run_key(r) for r in records}
+    say(f"[quality] {len(records)} finished run(s) reused from {results}")
 
-    rows = []
-    for label, model in (("random init", "cvfm/tiny-resnet"), ("raw pixels", "cvfm/pixels")):
-        say(f"[quality] evaluating {label} ({model}) ...")
-        torch.manual_seed(0)  # the init pretrain starts from (evaluate also seeds 0 before building it)
-        knn, lin, ev = score(model, args.data, args)
-        rows.append({"method": label, "model": model, "knn_top1": knn, "linear_top1": lin, "eval_s": ev})
-    base = rows[0]
-    for name in args.methods:
-        opts = method_options(name, args)
-        say(f"[quality] pre-training {name} for {args.epochs} epoch(s) on {args.data} (options {opts}) ...")
-        out = workdir / name
-        t0 = time.perf_counter()
-        cfg = PretrainConfig(
-            data=args.data,
-            split="train",
-            method=name,
-            model="cvfm/tiny-resnet",
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            num_workers=args.num_workers,
-            output=str(out),
-            options=opts,
-            lr=args.lr,
-            overwrite=True,  # only ever <workdir>/<method>: a re-run with the same --workdir replaces it
+    def do(phase: str, method: str, seed: int, data: str, split: str, candidate: dict | None = None):
+        opts = {} if method in BASELINES else candidate_options(method, candidate, args, phase)
+        spec = {"config": config, "phase": phase, "method": method, "options": opts, "seed": seed}
+        spec["candidate"] = candidate
+        if run_key(spec) in done:
+            return
+        say(f"[quality] {phase} seed {seed}: {method} {opts or ''} ...")
+        record = run_one(spec, data, split, workdir, args)
+        record["versions"] = versions()
+        say(
+            f"[quality]   k-NN {record['knn_top1']:.2f}  linear {record['linear_top1']:.2f}  "
+            f"effective rank {record['effective_rank']:.1f}"
         )
-        run = pretrain(cfg)
-        wall = time.perf_counter() - t0
-        last = last_epoch_record(run)
-        info = json.loads((run / "run.json").read_text())
-        say(f"[quality] evaluating {name} ...")
-        knn, lin, ev = score(str(run), args.data, args)
+        with results.open("a") as f:
+            f.write(json.dumps(record, default=str) + "\n")
+        records.append(record)
+        done.add(run_key(spec))
+
+    graded = [m for m in args.methods if len(GRID[m]) > 1]
+    if graded:
+        manifest = write_val_split(args.data, args.val_size, workdir / "val-split")
+        for seed in args.select_seeds:
+            do("val", "random init", seed, manifest, "val")
+            for name in graded:
+                for cand in GRID[name]:
+                    do("val", name, seed, manifest, "val", cand)
+    for seed in args.seeds:
+        for base in BASELINES:
+            do("test", base, seed, args.data, "test")
+        for name, cand in test_settings(records, args.methods):
+            do("test", name, seed, args.data, "test", cand)
+    return records
+
+
+# ------------------------------------------------------------------------------------------- summaries
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def describe(candidate: dict | None) -> str:
+    return " ".join(f"{k}={v}" for k, v in (candidate or {}).items()) or "-"
+
+
+def validation_table(records: list[dict], name: str, markdown: bool) -> str:
+    best, scores = select(records, name)
+    val = [r for r in records if r["phase"] == "val"]
+    base = [r for r in val if r["method"] == "random init"]
+    rows = [
+        [
+            "random init",
+            "",
+            mean_std([r["knn_top1"] for r in base]),
+            mean_std([r["linear_top1"] for r in base]),
+        ]
+    ]
+    rows[0] += [None, mean_std([r["effective_rank"] for r in base]), ""]
+    for i, (total, cand) in enumerate(scores):
+        runs = [r for r in val if r["method"] == name and r["candidate"] == cand]
+        rows.append(
+            [
+                name,
+                describe(cand) + (" (paper)" if i == 0 else ""),
+                mean_std([r["knn_top1"] for r in runs]),
+                mean_std([r["linear_top1"] for r in runs]),
+                total,
+                mean_std([r["effective_rank"] for r in runs]),
+                "selected" if cand == best and total is not None else "",
+            ]
+        )
+    headers = ["method", "options", "val k-NN@20 %", "val linear %", "k-NN + linear", "eff. rank", ""]
+    return fmt_table(headers, rows, f"{name}: candidates scored on validation", markdown=markdown)
+
+
+def test_rows(records: list[dict], methods: list[str]) -> list[dict]:
+    """One summary per baseline and per (method, candidate) run on test: means, spreads and gains."""
+    test = [r for r in records if r["phase"] == "test"]
+    base = {r["seed"]: r for r in test if r["method"] == "random init"}
+    settings = [(b, None) for b in BASELINES] + test_settings(records, methods)
+    rows = []
+    for name, cand in settings:
+        runs = [r for r in test if r["method"] == name and (cand is None or r["candidate"] == cand)]
+        if not runs:
+            continue
+        gains = {
+            k: [r[k] - base[r["seed"]][k] for r in runs if r["seed"] in base]
+            for k in ("knn_top1", "linear_top1")
+        }
         rows.append(
             {
                 "method": name,
-                "model": str(run),
-                "options": opts,
-                "epochs": args.epochs,
-                "knn_top1": knn,
-                "linear_top1": lin,
-                "eval_s": ev,
-                "pretrain_images_per_s": last.get("images_per_s"),
-                "pretrain_s": wall,
-                "final_loss": last.get("epoch/loss"),
-                "feature_std": last.get("epoch/feature_std"),
-                "teacher_entropy": last.get("epoch/teacher_entropy"),
-                "lr": info["resolved"]["lr"],
-                "total_steps": info["resolved"]["total_steps"],
-                "method_config": info["method_config"],
+                "candidate": cand,
+                "tag": "paper" if cand == GRID.get(name, [None])[0] and len(GRID.get(name, ())) > 1 else "",
+                "seeds": sorted(r["seed"] for r in runs),
+                "runs": runs,
+                "knn_gain": gains["knn_top1"],
+                "linear_gain": gains["linear_top1"],
             }
         )
-    for r in rows:
-        r["knn_gain"] = None if r is base else r["knn_top1"] - base["knn_top1"]
-        r["linear_gain"] = None if r is base else r["linear_top1"] - base["linear_top1"]
+    for row in rows:
+        if len(GRID.get(row["method"], ())) > 1 and row["candidate"] == select(records, row["method"])[0]:
+            row["tag"] = "selected = paper" if row["tag"] else "selected"
     return rows
 
 
-def quality_table(rows: list[dict], args) -> str:
+def column(runs: list[dict], key: str) -> list[float]:
+    return [r[key] for r in runs if r.get(key) is not None]
+
+
+def test_table(records: list[dict], methods: list[str], markdown: bool) -> str:
+    body = []
+    for row in test_rows(records, methods):
+        pick = functools.partial(column, row["runs"])
+        body.append(
+            [
+                row["method"],
+                describe(row["candidate"]) if row["method"] not in BASELINES else "-",
+                row["tag"],
+                ",".join(map(str, row["seeds"])),
+                mean_std(pick("knn_top1")),
+                mean_std(pick("linear_top1")),
+                mean_std(row["knn_gain"]) if row["method"] != "random init" else "-",
+                mean_std(row["linear_gain"]) if row["method"] != "random init" else "-",
+                mean_std(pick("effective_rank")),
+                mean_std([100 * v for v in pick("top_direction_share")]),
+                mean_std(pick("pretrain_images_per_s")),
+            ]
+        )
     headers = [
         "method",
-        "epochs",
-        "lr",
+        "options",
+        "",
+        "seeds",
         "k-NN@20 top-1 %",
         "linear top-1 %",
-        "k-NN gain pts",
-        "linear gain pts",
+        "k-NN gain",
+        "linear gain",
+        "eff. rank",
+        "top dir. % var",
         "pretrain img/s",
-        "pretrain s",
-        "eval s",
-        "final loss",
-        "feat std",
     ]
-    body = [
-        [
-            r["method"],
-            r.get("epochs"),
-            r.get("lr"),
-            r["knn_top1"],
-            r["linear_top1"],
-            r["knn_gain"],
-            r["linear_gain"],
-            r.get("pretrain_images_per_s"),
-            r.get("pretrain_s"),
-            r["eval_s"],
-            r.get("final_loss"),
-            r.get("feature_std"),
-        ]
-        for r in rows
-    ]
-    title = (
-        f"Quality at a fixed budget: cvfm/tiny-resnet on {args.data} (train split -> test split), "
-        f"batch {args.batch_size}, {args.num_workers} loader workers, {args.threads} torch thread(s); "
-        "gains are over random init"
+    return fmt_table(
+        headers,
+        body,
+        "test (mean ± std over seeds; gains over random init of the same seed)",
+        markdown=markdown,
     )
-    opts = {r["method"]: r["options"] for r in rows if r.get("options")}
-    if opts:
-        title += f"; method options {opts}"
-    return fmt_table(headers, body, title)
+
+
+def targets(records: list[dict], methods: list[str]) -> list[str]:
+    """Whether each run setting's mean gain meets +5 k-NN / +10 linear points over random init."""
+    lines = []
+    for row in test_rows(records, methods):
+        if row["method"] in BASELINES or not row["knn_gain"]:
+            continue
+        knn, lin = statistics.fmean(row["knn_gain"]), statistics.fmean(row["linear_gain"])
+        ok = "meets" if knn >= 5 and lin >= 10 else "misses"
+        lines.append(
+            f"{row['method']} ({describe(row['candidate'])}; {row['tag'] or 'defaults'}): mean gain "
+            f"k-NN {knn:+.2f}, linear {lin:+.2f} over {len(row['knn_gain'])} seed(s): {ok} +5 / +10"
+        )
+    return lines
+
+
+def summary(records: list[dict], markdown: bool = False) -> str:
+    """The tables of every benchmark configuration found in `records`."""
+    parts = []
+    for config in {json.dumps(r["config"], sort_keys=True): r["config"] for r in records}.values():
+        mine = [r for r in records if r["config"] == config]
+        methods = [m for m in DEFAULT_METHODS if any(r["method"] == m for r in mine)]
+        parts.append(
+            f"Quality: cvfm/tiny-resnet pre-trained {config['epochs']} epochs at batch "
+            f"{config['batch_size']} on {config['data']}; validation = {config['val_size']} train images "
+            f"held out (stratified, seed {VAL_SEED}), candidates pre-trained on the rest; test runs "
+            "pre-trained on the whole train split"
+        )
+        for name in methods:
+            if len(GRID[name]) > 1 and any(r["phase"] == "val" and r["method"] == name for r in mine):
+                parts.append(validation_table(mine, name, markdown))
+        parts.append(test_table(mine, methods, markdown))
+        parts.append("\n".join(targets(mine, methods)))
+    return "\n\n".join(parts)
 
 
 # ---------------------------------------------------------------------------- part 2: step throughput
@@ -551,10 +832,26 @@ def parse_args(argv=None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated: simclr,byol,dino")
-    p.add_argument("--epochs", type=int, default=None, help="epochs per method (default 20; quick 1)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per run (default 20; quick 1)")
     p.add_argument("--data", default=None, help="default builtin:animal-mnist (quick: digits)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=2, help="data-loader workers for pretrain and evaluate")
+    p.add_argument("--seeds", default=None, help="training seeds of the test runs (default 0,1,2; quick 0)")
+    p.add_argument("--select-seeds", default="0", help="training seeds of the validation runs (default 0)")
+    p.add_argument(
+        "--val-size",
+        type=int,
+        default=None,
+        help="train images held out to choose the options on (default 1000; quick 300)",
+    )
+    p.add_argument(
+        "--results",
+        default=None,
+        help="JSONL file each finished run is appended to; runs already in it are not repeated "
+        "(default runs/ssl-quality.jsonl; quick: runs/ssl-quality-quick.jsonl)",
+    )
+    p.add_argument("--summarise", metavar="FILE", help="only print the quality tables of a results file")
+    p.add_argument("--markdown", action="store_true", help="print the quality tables as Markdown")
     p.add_argument(
         "--dino-local-crops",
         type=int,
@@ -567,50 +864,48 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="[METHOD.]KEY=VALUE",
-        help="method option, as cvfm's --opt (e.g. dino.momentum_teacher=0.99); repeatable",
-    )
-    p.add_argument(
-        "--paper-defaults",
-        action="store_true",
-        help="BYOL and DINO with cvfm's (the papers') defaults, without the SHORT_RUN options",
+        help="method option for every run, as cvfm's --opt (e.g. dino.norm_last_layer=false); repeatable",
     )
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for the whole benchmark")
     p.add_argument("--steps", type=int, default=None, help="timed steps per contender (default 20; quick 5)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps each (default 3; quick 1)")
-    p.add_argument("--quick", action="store_true", help="tiny smoke run on builtin:digits (< 2 minutes)")
+    p.add_argument("--quick", action="store_true", help="tiny smoke run on builtin:digits (a few minutes)")
     p.add_argument("--skip-quality", action="store_true", help="only the step-speed comparison")
     p.add_argument("--skip-speed", action="store_true", help="only the quality comparison")
     p.add_argument(
         "--workdir",
         default=None,
-        help="keep the run folders in WORKDIR/<method> (replaced on re-runs; default: a temporary folder)",
+        help="keep the run folders in WORKDIR (a run cut short is replaced; default: a temporary folder)",
     )
-    p.add_argument("--json", default=None, help="also write all results to this JSON file")
+    p.add_argument(
+        "--json", default=None, help="also write the speed rows and quality runs to this JSON file"
+    )
     args = p.parse_args(argv)
     quick = args.quick
     args.data = args.data or ("builtin:digits" if quick else "builtin:animal-mnist")
     args.epochs = args.epochs or (1 if quick else 20)
     args.steps = args.steps or (5 if quick else 20)
     args.warmup = args.warmup if args.warmup is not None else (1 if quick else 3)
+    args.val_size = args.val_size or (300 if quick else 1000)
+    args.results = args.results or f"runs/ssl-quality{'-quick' if quick else ''}.jsonl"
+    args.seeds = [int(s) for s in (args.seeds or ("0" if quick else "0,1,2")).split(",")]
+    args.select_seeds = [int(s) for s in args.select_seeds.split(",")]
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    from cvfm.methods import METHODS
-
-    unknown = [m for m in args.methods if m not in METHODS]
+    unknown = [m for m in args.methods if m not in GRID]
     if unknown:
-        p.error(f"unknown method(s) {', '.join(unknown)} (choose from {', '.join(METHODS)})")
+        p.error(f"unknown method(s) {', '.join(unknown)} (choose from {', '.join(GRID)})")
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.summarise:
+        say(summary(load_records(Path(args.summarise)), markdown=args.markdown))
+        return 0
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*weight_norm.*")  # lightly's DINO head uses the old API
     t0 = time.perf_counter()
-    results = {
-        "args": {k: v for k, v in vars(args).items()},
-        "versions": versions(),
-        "cpu_threads": torch.get_num_threads(),
-    }
+    results = {"args": vars(args), "versions": versions(), "cpu_threads": torch.get_num_threads()}
     say(f"cvfm SSL benchmark: {json.dumps(results['versions'])}; torch threads {torch.get_num_threads()}")
     tables = []
     if not args.skip_speed:
@@ -619,13 +914,12 @@ def main(argv=None) -> int:
         say("\n" + tables[-1] + "\n")
     if not args.skip_quality:
         if args.workdir:
-            workdir = Path(args.workdir)
-            workdir.mkdir(parents=True, exist_ok=True)
-            results["quality"] = quality(args, workdir)
+            Path(args.workdir).mkdir(parents=True, exist_ok=True)
+            results["quality"] = quality(args, Path(args.workdir))
         else:
             with tempfile.TemporaryDirectory(prefix="cvfm-ssl-bench-") as tmp:
                 results["quality"] = quality(args, Path(tmp))
-        tables.append(quality_table(results["quality"], args))
+        tables.append(summary(results["quality"], markdown=args.markdown))
     results["wall_s"] = time.perf_counter() - t0
     say("\n" + "=" * 100)
     say("\n\n".join(tables))
