@@ -4,7 +4,7 @@ peak memory against the part size.
 Run from the repository root with the venv active:
 
     HF_HUB_OFFLINE=1 python benchmarks/embed.py --quick          # smoke test, about 2 minutes on 2 cores
-    HF_HUB_OFFLINE=1 python benchmarks/embed.py                  # default: about 10 minutes on 2 cores
+    HF_HUB_OFFLINE=1 python benchmarks/embed.py                  # default: about 10 minutes on 2 idle cores
     HF_HUB_OFFLINE=1 python benchmarks/embed.py --skip-memory --rounds 5 --json /tmp/embed.json
 
 Part 1 (speed). One ViT-B/32-sized CLIPModel with random weights (transformers, built in code: vision
@@ -30,7 +30,8 @@ batch. Rounds alternate the order of the contenders (forward, then backward); me
 reported, with the ratios at the same precision and the mixed one (cvfm at `--precision auto` against
 the naive loop in fp32). The cosine between cvfm's and the naive loop's embeddings at each precision
 checks that both computed the same thing, next to the mean cosine between different images' embeddings
-for scale.
+for scale. CPU time per image (process time, which other work on the machine disturbs less than wall
+time) separates the stages: decoding + preprocessing of the naive loop and of cvfm, and the forward.
 
 Part 2 (memory). A fresh process per part size runs `embed(...)` into a folder with wide (1024-d)
 embeddings: a CLIPModel with a tiny random vision tower (32 px) and a 1024-d projection, over a manifest
@@ -156,37 +157,48 @@ def _features(out) -> torch.Tensor:
 
 @torch.no_grad()
 def naive_loop(model, processor, paths: list[Path], batch: int, amp: torch.dtype | None) -> dict:
-    """images/s of the transformers loop (first batch = warm-up, not timed), and its embeddings."""
+    """images/s of the transformers loop (first batch = warm-up, not timed), its embeddings, and the CPU
+    time per image of its decoding + preprocessing."""
     import contextlib
 
     from PIL import Image
 
-    feats, t0, timed = [], None, 0
+    feats, t0, timed, prep = [], None, 0, 0.0
     for i in range(0, len(paths), batch):
         if i == batch:
             t0 = time.perf_counter()
+        c0 = time.process_time()
         images = [Image.open(p).convert("RGB") for p in paths[i : i + batch]]
         inputs = processor(images=images, return_tensors="pt")
+        prep += time.process_time() - c0 if i >= batch else 0.0
         with torch.autocast("cpu", dtype=amp) if amp is not None else contextlib.nullcontext():
             f = _features(model.get_image_features(**inputs)).float()
         feats.append((f / f.norm(dim=-1, keepdim=True)).numpy())
         timed += len(images) if i >= batch else 0
-    return {"images_per_s": timed / (time.perf_counter() - t0), "emb": np.concatenate(feats)}
+    return {
+        "images_per_s": timed / (time.perf_counter() - t0),
+        "emb": np.concatenate(feats),
+        "prep_cpu_ms": 1000 * prep / timed,
+    }
 
 
 @torch.inference_mode()
 def bound(model, pixels: torch.Tensor, batch: int, amp: torch.dtype | None) -> dict:
-    """images/s of the forward alone on pre-decoded tensors (first batch = warm-up)."""
+    """images/s of the forward alone on pre-decoded tensors (first batch = warm-up), and its CPU time
+    per image."""
     from cvfm.runtime.precision import autocast
 
-    t0, timed = None, 0
+    t0, c0, timed = None, None, 0
     for i in range(0, len(pixels), batch):
         if i == batch:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
         with autocast("cpu", amp):
             _features(model.get_image_features(pixel_values=pixels[i : i + batch])).float()
         timed += len(pixels[i : i + batch]) if i >= batch else 0
-    return {"images_per_s": timed / (time.perf_counter() - t0)}
+    return {
+        "images_per_s": timed / (time.perf_counter() - t0),
+        "cpu_ms": 1000 * (time.process_time() - c0) / timed,
+    }
 
 
 def cvfm_embed(model_dir: Path, image_dir: Path, out: Path, batch: int, workers: int, precision: str) -> dict:
@@ -248,7 +260,9 @@ def speed(tmp: Path, n: int, rounds: int, batch: int, workers: int, precisions: 
     paths = write_photos(tmp / "photos", n)
     model, processor = build_clip(tmp / "clip")
     transform = create_encoder(str(tmp / "clip")).preprocess.transform()
+    c0 = time.process_time()
     pixels = torch.stack([transform(decode_image(p)) for p in paths])
+    cpu_ms = {"cvfm preprocessing": 1000 * (time.process_time() - c0) / n}
     runs = {
         "naive": lambda p: naive_loop(model, processor, paths, batch, resolve_precision(p, "cpu")),
         "cvfm-0": lambda p: cvfm_embed(tmp / "clip", tmp / "photos", tmp / "out", batch, 0, p),
@@ -262,16 +276,26 @@ def speed(tmp: Path, n: int, rounds: int, batch: int, workers: int, precisions: 
         for c, p in order if r % 2 == 0 else order[::-1]:
             res = runs[c](p)
             row[f"{c} {p}"] = res["images_per_s"]
+            if c == "naive":
+                row[f"cpu naive preprocessing {p}"] = res["prep_cpu_ms"]
+            if c == "bound":
+                row[f"cpu forward {p}"] = res["cpu_ms"]
             if "emb" in res:
                 emb[c, p] = res["emb"]
         for p in precisions:
             row[f"cosine cvfm vs naive {p}"] = cosines(emb["cvfm", p], emb["naive", p])
         per_round.append(row)
-        say(f"round {r + 1}/{rounds}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items() if "cos" not in k))
+        shown = [f"{k} {v:.1f}" for k, v in row.items() if not k.startswith(("cos", "cpu"))]
+        say(f"round {r + 1}/{rounds}: " + ", ".join(shown))
     keys = [f"{c} {p}" for c, p in order]
     med = {k: statistics.median(r[k] for r in per_round) for k in keys}
     cos = {p: min(r[f"cosine cvfm vs naive {p}"]["min"] for r in per_round) for p in precisions}
     between = per_round[-1][f"cosine cvfm vs naive {precisions[0]}"]["between_images"]
+    cpu_ms["naive preprocessing"] = statistics.median(
+        r[f"cpu naive preprocessing {p}"] for r in per_round for p in precisions
+    )
+    for p in precisions:
+        cpu_ms[f"forward {p}"] = statistics.median(r[f"cpu forward {p}"] for r in per_round)
     ratios = {}
     for p in precisions:
         ratios[f"cvfm/naive {p}"] = med[f"cvfm {p}"] / med[f"naive {p}"]
@@ -284,6 +308,7 @@ def speed(tmp: Path, n: int, rounds: int, batch: int, workers: int, precisions: 
         "ratios": ratios,
         "cosine_min": cos,
         "cosine_between_images": between,
+        "cpu_ms_per_image": cpu_ms,
     }
 
 
@@ -311,6 +336,13 @@ def report_speed(res: dict, precisions: list[str], auto: str, rounds: int, worke
         mixed = med[f"cvfm {auto}"] / med["naive fp32"]
         res["ratios"]["mixed cvfm auto/naive fp32"] = mixed
         say(f"mixed: cvfm --precision auto ({auto}) / naive fp32: {mixed:.2f}x (precision and pipeline)")
+    cpu = res["cpu_ms_per_image"]
+    say(
+        "CPU time per image (ms; less sensitive to other work on the machine than images/s): decoding + "
+        f"preprocessing: naive (PIL + CLIPImageProcessor) {cpu['naive preprocessing']:.1f}, cvfm "
+        f"(decode_image + torchvision) {cpu['cvfm preprocessing']:.1f}; forward: "
+        + ", ".join(f"{p} {cpu[f'forward {p}']:.1f}" for p in precisions)
+    )
     say(
         "cosine cvfm vs naive, min over images and rounds: "
         + ", ".join(f"{p} {c:.5f}" for p, c in res["cosine_min"].items())
