@@ -197,6 +197,40 @@ def test_plan_owners_partition_the_parts():
         plan.owned(2, 2)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_a_part_is_held_once_in_the_output_dtype(tmp_path, dtype):
+    """numpy reports its buffers to tracemalloc: while 1,000 rows of 1024-d embeddings arrive in batches
+    of 100 and are written, the peak is one part's array in the output dtype plus a batch or two (not the
+    batches, their concatenation and a dtype copy: 3x a float32 part)."""
+    import tracemalloc
+
+    from cvfm.data.sources import ImageSource, Item
+    from cvfm.embed.folder import EmbedFolder
+    from cvfm.embed.writers import PartWriter
+
+    rows, dim, batch = 1000, 1024, 100
+    source = ImageSource("mem", [Item(f"r{i}", -1, f"r{i}.png") for i in range(rows)])
+    folder = EmbedFolder(tmp_path / "emb", {"dtype": dtype}, ("image",))
+    writer = PartWriter(folder, source, {"image": dim}, Plan(rows, rows), dtype)
+    warm_up = PartWriter(folder, source, {"image": dim}, Plan(rows, 1), dtype)  # lazy imports, not traced
+    warm_up.add(1, [1], {"image": np.zeros((1, dim), np.float32)})
+    warm_up.finish(1, [])
+    rng = np.random.default_rng(0)
+    tracemalloc.start()
+    for start in range(0, rows, batch):
+        writer.add(0, list(range(start, start + batch)), {"image": rng.random((batch, dim), np.float32)})
+    writer.finish(0, [])
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    part_bytes = rows * dim * np.dtype(dtype).itemsize
+    assert peak < part_bytes + 3 * batch * dim * 4
+    written = np.load(tmp_path / "emb" / "img_emb" / "img_emb_0.npy")
+    expected = np.random.default_rng(0)
+    want = np.concatenate([expected.random((batch, dim), np.float32) for _ in range(rows // batch)])
+    assert written.dtype == np.dtype(dtype) and written.shape == (rows, dim)
+    np.testing.assert_array_equal(written, want.astype(dtype))
+
+
 @pytest.mark.parametrize("num_shards", [2, 3])
 def test_shards_together_cover_every_row_once(pairs, reference, tmp_path, num_shards):
     out = tmp_path / "emb"

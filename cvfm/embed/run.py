@@ -152,7 +152,7 @@ def embed(
     else:
         dims = towers.dims
         if folder is not None:
-            writer = PartWriter(folder, source, dims, dtype, on_part, plan.num_parts)
+            writer = PartWriter(folder, source, dims, plan, dtype, on_part)
         else:
             writer = JsonLinesWriter(source, on_part=on_part)
         if dev.type == "cpu":

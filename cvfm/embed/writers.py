@@ -10,44 +10,52 @@ import numpy as np
 
 from cvfm.data.sources import UNLABELLED, ImageSource, Item
 from cvfm.embed.folder import EmbedFolder
+from cvfm.embed.plan import Plan
 from cvfm.runtime.progress import log
 
 
 class PartWriter:
-    """Collects one part's rows (at most one part in memory) and writes it when its last batch came."""
+    """Fills one part's arrays batch by batch and writes them when its last batch came: at most one part
+    is held, once (in the output dtype, allocated for the part's rows when its first batch arrives)."""
 
     def __init__(
         self,
         folder: EmbedFolder,
         source: ImageSource,
         dims: dict[str, int],
+        plan: Plan,
         dtype: str = "float32",
         on_part: Callable[[int], None] | None = None,
-        num_parts: int | None = None,
     ):
-        self.folder, self.source, self.dims, self.dtype = folder, source, dims, np.dtype(dtype)
-        self.on_part, self.num_parts = on_part, num_parts
+        self.folder, self.source, self.dims, self.plan = folder, source, dims, plan
+        self.dtype, self.on_part = np.dtype(dtype), on_part
         self.written: list[dict] = []
         self._reset()
 
     def _reset(self) -> None:
         self.rows: list[int] = []
-        self.arrays: dict[str, list[np.ndarray]] = {m: [] for m in self.dims}
+        self.arrays: dict[str, np.ndarray] = {}
 
     def add(self, part: int, rows: list[int], arrays: dict[str, np.ndarray]) -> None:
-        self.rows.extend(rows)
+        if not self.arrays:
+            n = len(self.plan.rows(part))
+            self.arrays = {m: np.empty((n, d), self.dtype) for m, d in self.dims.items()}
+        start = len(self.rows)
         for m, a in arrays.items():
-            self.arrays[m].append(a)
+            self.arrays[m][start : start + len(rows)] = a
+        self.rows.extend(rows)
 
     def finish(self, part: int, skipped: list[dict]) -> None:
-        empty = {m: np.zeros((0, d), np.float32) for m, d in self.dims.items()}
-        arrays = {m: np.concatenate(c or [empty[m]]).astype(self.dtype) for m, c in self.arrays.items()}
+        n = len(self.rows)
+        arrays = {
+            m: self.arrays[m][:n] if self.arrays else np.zeros((0, d), self.dtype)
+            for m, d in self.dims.items()
+        }
         columns = metadata_columns(self.source, self.rows, self.dims)
         types = {"label": "string" if self.source.classes else "int64"}  # every part alike
         self.folder.write_part(part, arrays, columns, skipped, types)
-        self.written.append({"part": part, "rows": len(self.rows), "skipped": skipped})
-        of = f"/{self.num_parts}" if self.num_parts else ""
-        log(f"embed: part {part}{of} written ({len(self.rows)} rows, {len(skipped)} skipped)")
+        self.written.append({"part": part, "rows": n, "skipped": skipped})
+        log(f"embed: part {part}/{self.plan.num_parts} written ({n} rows, {len(skipped)} skipped)")
         self._reset()
         if self.on_part is not None:
             self.on_part(part)
