@@ -10,7 +10,9 @@ Two ways, one output (`<run>/classifier/`, a `Classifier`):
   retain data and gets, bit for bit, what `finetune` gives with the forgotten ids excluded.
 
 run.json["finetune"] holds the `FinetuneConfig`: `finetune(FinetuneConfig(**run_json["finetune"]))`
-with another output (and exclusions) reruns the same recipe (`cvfm unlearn --method retrain`).
+with another output (and exclusions) reruns the same recipe (`cvfm unlearn --method retrain`), and
+data_items.jsonl the items it was trained on (`cvfm.data.digest`), so that rerun can be checked to see
+the same data.
 """
 
 from __future__ import annotations
@@ -212,6 +214,7 @@ def _finetune_frozen(cfg: FinetuneConfig) -> Path:
         share_cores_with_workers(cfg.num_workers)
     skips = SkipLog(cfg.strict, source.skipped)
     run.update(finetune=recipe(cfg), config=recipe(cfg), status="running", seed=cfg.seed, versions=versions())
+    run.record_data(source)
     classifier = fit_frozen_classifier(encoder, source, cfg, classes=classes, device=device, skips=skips)
     save_atomically(classifier, run.path / "classifier")
     run.update(

@@ -17,7 +17,7 @@ from cvfm.data.exclude import ids_sha256
 from cvfm.data.loader import SkipLog
 from cvfm.data.sources import open_source, subset
 from cvfm.data.views import Preprocess
-from cvfm.unlearn.audit import Audit, audit, gaps
+from cvfm.unlearn.audit import Audit, audit, audit_splits, gaps
 from cvfm.unlearn.mia import (
     loss_threshold_auc,
     mia_efficacy,
@@ -40,7 +40,7 @@ def test_mia_efficacy_calls_test_like_forget_non_member_and_retain_like_forget_m
     assert mia_efficacy(members, nonmembers, half) == pytest.approx(10 / 40)
 
 
-def test_mia_training_set_is_a_seeded_member_subset_the_size_of_the_non_members():
+def test_mia_training_set_balances_members_and_non_members_with_a_seeded_subset():
     members, nonmembers = np.arange(100) / 100.0, np.full(20, 5.0)
     x, y = mia_training_set(members, nonmembers, seed=3)
     assert x.shape == (40, 1) and y.tolist() == [1] * 20 + [0] * 20
@@ -51,8 +51,18 @@ def test_mia_training_set_is_a_seeded_member_subset_the_size_of_the_non_members(
     other, _ = mia_training_set(members, nonmembers, seed=4)
     np.testing.assert_array_equal(x, again)
     assert not np.array_equal(x, other)
-    few, y_few = mia_training_set(members[:5], nonmembers, seed=3)  # fewer members: all of them
-    assert few[:5, 0].tolist() == members[:5].tolist() and y_few.tolist() == [1] * 5 + [0] * 20
+    few, y_few = mia_training_set(members[:5], np.arange(20) + 5.0, seed=3)  # fewer members: all of them,
+    assert few[:5, 0].tolist() == members[:5].tolist() and y_few.tolist() == [1] * 5 + [0] * 5
+    assert len(set(few[5:, 0])) == 5 and set(few[5:, 0]) <= set(np.arange(20) + 5.0)  # and as many others
+
+
+def test_mia_efficacy_is_not_saturated_by_more_non_members_than_members():
+    """A forget set that looks like retain (confident) is called member even when the test set
+    outnumbers retain (a small training set): unbalanced, the SVM called everything non-member."""
+    rng = np.random.default_rng(0)
+    members = rng.uniform(0.97, 1.0, 90)
+    nonmembers = np.concatenate([rng.uniform(0.97, 1.0, 100), rng.uniform(0.0, 0.9, 100)])
+    assert mia_efficacy(members, nonmembers, rng.uniform(0.97, 1.0, 10)) < 0.5
 
 
 def test_mia_efficacy_is_deterministic_for_a_seed():
@@ -219,6 +229,18 @@ def test_audit_reports_forget_test_accuracy(digits):
     expected = loss_threshold_auc(s["forget"]["loss"], s["forget_test"]["loss"])
     assert result["loss_auc_forget_test"] == pytest.approx(expected, abs=1e-6)
     assert result["counts"]["forget_test"] == len(gone) and result["counts"]["test"] == len(kept)
+
+
+def test_audit_splits_equals_one_audit_per_split(digits):
+    """Validation and test audited together (retain and forget predicted once) give what one audit per
+    split gives: the benchmark chooses settings on the one and reports the other."""
+    model, retain, forget, test = digits
+    val, rest = subset(test, range(0, 120, 2)), subset(test, range(1, 120, 2))
+    kw = dict(retain=retain, forget=forget, transform=model.preprocess.transform(), seed=3)
+    both = audit_splits(model, splits={"val": (val, None), "test": (rest, None)}, **kw)
+    assert both["val"] == audit(model, test=val, **kw) and both["test"] == audit(model, test=rest, **kw)
+    assert both["val"]["counts"] == {"retain": 260, "forget": 40, "test": 60}
+    assert both["val"]["ta"] != both["test"]["ta"] or both["val"]["loss_auc"] != both["test"]["loss_auc"]
 
 
 def test_gaps_are_absolute_differences_in_points_and_their_mean():

@@ -1,9 +1,16 @@
-"""Approximate unlearning methods over the shared loop: each forgets, keeps what it should, and reproduces.
+"""Approximate unlearning methods over the shared loop: each does what it is for, keeps what it should,
+and reproduces.
 
 One tiny classifier (cvfm/tiny-resnet + a linear head) is trained once on 300 `builtin:digits` images
 (30 per class) until it fits them; each test unlearns a copy of it. Forgetting a whole class ("three")
-shows clearly in accuracy; the tiny data and short runs need stronger options than the papers' (noted
-where used), since the published learning rates are meant for 10 epochs of ~180 steps.
+shows clearly in accuracy.
+
+The published learning rates are per 256 samples, for 10 epochs over CIFAR-10's ~45,000 retained
+images (SCRUB: 3 epochs, per 128). Over 300 images the same epochs apply 1/150 of that total update
+(the sum of per-sample steps), and nothing moves. Tests that claim forgetting therefore run the
+published epochs at `UPDATE_SCALE` times the published rate, which is still about a fifth of the
+published total update, and require the retained classes to stay at least `RETAIN_FLOOR` accurate: a
+method that breaks the model would "forget" trivially. Tests of mechanics run the published defaults.
 """
 
 from __future__ import annotations
@@ -23,11 +30,14 @@ from cvfm.errors import UsageError
 from cvfm.registry import create_encoder
 from cvfm.unlearn.loop import run_unlearning
 from cvfm.unlearn.methods import METHODS, build_unlearn_method
+from cvfm.unlearn.methods.base import PAPER_TRAINING_EPOCHS
 from cvfm.unlearn.methods.salun import top_fraction_mask
 from cvfm.unlearn.methods.scrub import distill_kl
 
 FORGET_CLASS = 3
 BATCH = 16
+UPDATE_SCALE = 32  # 10 epochs x 300 images x 32 = 0.21 x (10 epochs x 45,000 images) at the published rate
+RETAIN_FLOOR = 0.95
 
 
 @dataclass
@@ -105,42 +115,52 @@ def class_rows(trained: Trained) -> np.ndarray:
     return np.flatnonzero(trained.labels.numpy() == FORGET_CLASS)
 
 
-# Stronger than published (lr is per batch 256 and scales to batch 16): a few short epochs must forget.
-CLASS_FORGETTING = {
-    "finetune": ({"lr": "1.6", "epochs": "6"}, 0.75),
-    "neggrad+": ({"lr": "0.2", "epochs": "2", "beta": "0.9"}, None),
-    "random-label": ({"lr": "0.8", "epochs": "2"}, None),
-    "l1-sparse": ({"lr": "0.4", "epochs": "8", "gamma": "0.005"}, None),
-    "salun": ({"lr": "0.8", "epochs": "2"}, 0.9),
-    "scrub": ({"lr": "0.02", "epochs": "3"}, 0.9),
-}
+def scaled(name: str, **options) -> dict[str, str]:
+    """The published epochs at UPDATE_SCALE x the published rate (and any other option given)."""
+    method = build_unlearn_method(name)
+    epochs = method.resolve_epochs(PAPER_TRAINING_EPOCHS)  # 10 (SCRUB: 3), as in the papers
+    return {"lr": repr(method.cfg.lr * UPDATE_SCALE), "epochs": str(epochs), **options}
 
 
-@pytest.mark.parametrize("name", list(CLASS_FORGETTING))
-def test_each_method_forgets_a_class(trained, name):
-    options, retain_floor = CLASS_FORGETTING[name]
+@pytest.mark.parametrize("name", ["random-label", "salun", "scrub"])
+def test_forgetting_methods_forget_a_class_and_keep_the_others(trained, name):
+    """The methods that push the model away from the forget set (random labels; SCRUB's max steps) erase
+    a class and keep every other one."""
     rows = class_rows(trained)
+    options = scaled(name)
     model, _, logs = unlearn(trained, name, options, rows)
     _, _, keep = trained.split(rows)
-    before, after = trained.accuracy(trained.model, rows), trained.accuracy(model, rows)
-    assert before >= 0.9
-    assert after <= before - 0.5, f"{name}: forget accuracy {before:.2f} -> {after:.2f}"
-    if retain_floor is not None:
-        assert trained.accuracy(model, keep) >= retain_floor
+    assert trained.accuracy(trained.model, rows) == 1.0
+    assert trained.accuracy(model, rows) <= 0.1, f"{name} still knows the class"
+    assert trained.accuracy(model, keep) >= RETAIN_FLOOR
     assert logs["skipped"] == 0 and len(logs["epochs"]) == int(options["epochs"])
 
 
-def test_neggrad_forgets_a_random_tenth(trained):
-    """10% random forgetting: the rest of each class still teaches it (a retrained model would still classify
-    most of those images), so the signal is the loss on exactly the forgotten images: the ascent lifts it
-    well above its original value and above the retain loss (the gap a membership attack reads)."""
-    rows = np.sort(np.random.default_rng(0).permutation(len(trained.labels))[:30])
-    model, _, _ = unlearn(trained, "neggrad+", {"lr": "0.2", "epochs": "2", "beta": "0.8"}, rows)
+def test_neggrad_plus_ascends_on_the_forget_set(trained):
+    """NegGrad+ at its published beta (0.999: the ascent is a nudge) lifts the forget set's loss by orders of
+    magnitude while the retain loss stays near zero and the retained classes stay right."""
+    rows = class_rows(trained)
+    model, _, _ = unlearn(trained, "neggrad+", scaled("neggrad+"), rows)
     _, _, keep = trained.split(rows)
     forget_loss = trained.loss(model, rows)
-    assert forget_loss > 3 * trained.loss(trained.model, rows)
-    assert forget_loss > 2 * trained.loss(model, keep)
-    assert trained.accuracy(model, keep) >= 0.9
+    assert forget_loss > 100 * trained.loss(trained.model, rows)
+    assert forget_loss > 100 * trained.loss(model, keep)
+    assert trained.accuracy(model, rows) < 1.0 and trained.accuracy(model, keep) >= RETAIN_FLOOR
+
+
+def test_retain_only_methods_keep_the_model_and_l1_sparse_shrinks_it(trained):
+    """finetune and l1-sparse only train on the retain set (Jia et al. 2023): they keep the retained
+    classes, and l1-sparse's decaying penalty shrinks the weights' l1 norm well below finetune's. (Neither
+    forgets a class in a short run: the forget set fades only by catastrophic forgetting, which at this
+    scale leaves it intact, as the benchmark's UA of a few percent shows too.)"""
+    rows = class_rows(trained)
+    _, _, keep = trained.split(rows)
+    norms = {}
+    for name in ("finetune", "l1-sparse"):
+        model, _, _ = unlearn(trained, name, scaled(name, epochs="2"), rows)
+        assert trained.accuracy(model, keep) >= RETAIN_FLOOR
+        norms[name] = sum(float(p.detach().abs().sum()) for p in model.parameters() if p.requires_grad)
+    assert norms["l1-sparse"] < 0.97 * norms["finetune"]
 
 
 def test_registry_and_published_defaults():
@@ -217,7 +237,7 @@ def test_learning_rate_scales_linearly_from_the_published_batch():
 
 
 def test_salun_changes_only_the_salient_half_of_the_weights(trained):
-    model, method, _ = unlearn(trained, "salun", {"lr": "0.4", "epochs": "1"}, class_rows(trained))
+    model, method, _ = unlearn(trained, "salun", {"epochs": "1"}, class_rows(trained))
     params = [p for p in model.parameters() if p.requires_grad]
     n = sum(p.numel() for p in params)
     assert sum(int(m.sum()) for m in method.mask) == int(n * 0.5)
@@ -239,7 +259,7 @@ def test_saliency_ranks_all_parameters_together():
 
 
 def test_scrub_keeps_its_teacher_frozen_and_maxes_only_first_msteps(trained):
-    model, method, logs = unlearn(trained, "scrub", {"lr": "0.02", "epochs": "3"}, class_rows(trained))
+    model, method, logs = unlearn(trained, "scrub", {"epochs": "3"}, class_rows(trained))
     original = trained.model.state_dict()
     for key, value in method.teacher.state_dict().items():
         assert torch.equal(value, original[key]), key
@@ -258,14 +278,14 @@ def test_distill_kl_matches_the_formula():
 
 
 def test_l1_weight_decays_linearly_over_the_epochs(trained):
-    _, method, logs = unlearn(trained, "l1-sparse", {"lr": "0.1", "epochs": "2"}, class_rows(trained))
+    _, method, logs = unlearn(trained, "l1-sparse", {"epochs": "2"}, class_rows(trained))
     assert [method.gamma_at(e) for e in (0, 1)] == [5e-4, 2.5e-4]
     assert all(e["l1"] > 0 for e in logs["epochs"])
 
 
 def test_same_seed_same_weights(trained):
     rows = class_rows(trained)
-    runs = [unlearn(trained, "salun", {"lr": "0.4", "epochs": "1"}, rows, seed=s)[0] for s in (5, 5, 6)]
+    runs = [unlearn(trained, "salun", {"epochs": "1"}, rows, seed=s)[0] for s in (5, 5, 6)]
     a, b, c = (r.state_dict() for r in runs)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
@@ -334,7 +354,7 @@ def test_a_frozen_backbone_stays_exactly_as_it_was(trained):
     model[0].requires_grad_(False)
     retain, forget, _ = trained.split(class_rows(trained))
     run_unlearning(
-        model, build_unlearn_method("random-label", {"lr": "0.4", "epochs": "1"}), retain, forget,
+        model, build_unlearn_method("random-label", {"epochs": "1"}), retain, forget,
         transform=trained.transform, batch_size=BATCH,
     )  # fmt: skip
     before = trained.model[0].state_dict()

@@ -45,6 +45,12 @@ def unlearn(
     num_workers: int = common.Workers,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
     resume: bool = typer.Option(False, "--resume", help="retrain: continue an interrupted retraining."),
+    allow_changed_data: bool = typer.Option(
+        False,
+        "--allow-changed-data",
+        help="retrain / head on training data that changed since the model was trained (refused by "
+        "default); the guarantee is then empirical, the changes recorded.",
+    ),
 ) -> None:
     """Make a classifier forget part of its training data, audit the result, and record it.
 
@@ -54,6 +60,11 @@ def unlearn(
     unlearn.json, attack_scores.png) and prints one JSON line: request, method, guarantee (exact or
     empirical), audit metrics. With --ledger the request is appended; a request already there is not
     run again.
+
+    retrain and head are exact only on the data the model was trained on: they first compare the
+    retained items (ids, labels, content hashes) with the model's data_items.jsonl, and refuse (exit 2,
+    naming the items) if anything changed, unless --allow-changed-data. A model trained before digests
+    were recorded gets the guarantee "exact (data unverified)".
 
     Examples:
 
@@ -92,6 +103,7 @@ def unlearn(
             audit=audit,
             overwrite=overwrite,
             resume=resume,
+            allow_changed_data=allow_changed_data,
         )
     )
     if record:  # empty on the non-main processes of `accelerate launch`

@@ -8,6 +8,7 @@ are kept in `skipped` so a run summary can name them; with `strict=True` they ra
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -79,6 +80,12 @@ class ImageSource:
             return None
         return self.classes[item.label] if self.classes and item.label < len(self.classes) else item.label
 
+    def content(self, i: int) -> bytes | None:
+        """Item i's image as stored, undecoded (its file's bytes), or None when there is none to read:
+        what a data digest hashes (`cvfm.data.digest`)."""
+        ref = self.items[i].ref
+        return None if ref is None else _file_bytes(ref)
+
     def describe(self) -> dict:
         return {"name": self.name, "images": len(self), "classes": self.classes, "skipped": self.skipped}
 
@@ -91,6 +98,9 @@ class ArraySource(ImageSource):
 
     def load(self, i: int) -> Image.Image:
         return decode_image(Image.fromarray(self.pixels[self.items[i].ref]))
+
+    def content(self, i: int) -> bytes:
+        return self.pixels[self.items[i].ref].tobytes()
 
 
 @dataclass
@@ -107,6 +117,30 @@ class HFSource(ImageSource):
         if value is None:
             raise DecodeError("empty image cell")
         return decode_image(value)
+
+    def content(self, i: int) -> bytes | None:
+        value = self._undecoded[self.items[i].ref][self.image_column]
+        if isinstance(value, dict):  # an Image feature: {"bytes": ..., "path": ...}
+            value = value.get("bytes") or value.get("path")
+        if isinstance(value, Image.Image):  # a column of PIL images that is not an Image feature
+            value = f"{value.mode} {value.size}".encode() + value.tobytes()
+        return _file_bytes(value) if isinstance(value, str) else value
+
+    @functools.cached_property
+    def _undecoded(self):
+        """The dataset with its image column left as stored (an Image feature is not decoded)."""
+        import datasets
+
+        if isinstance(self.dataset.features.get(self.image_column), datasets.Image):
+            return self.dataset.cast_column(self.image_column, datasets.Image(decode=False))
+        return self.dataset
+
+
+def _file_bytes(path: str) -> bytes | None:
+    try:
+        return Path(path).read_bytes()
+    except OSError:  # missing or unreadable: training skipped it, the digest records it as absent
+        return None
 
 
 def open_source(

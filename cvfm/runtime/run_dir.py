@@ -1,4 +1,5 @@
-"""A run folder: run.json, metrics.jsonl, checkpoints/, backbone/, curves.png.
+"""A run folder: run.json, metrics.jsonl, checkpoints/, backbone/, curves.png, and data_items.jsonl (the
+digest of the training items, `cvfm.data.digest`).
 
 An existing non-empty folder is refused unless the caller asks to overwrite or to resume it.
 """
@@ -7,10 +8,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
+from cvfm.data.digest import DIGEST_FILE, Entry, digest_file, digest_items, parse_digest
+from cvfm.data.sources import ImageSource
 from cvfm.errors import UsageError
-from cvfm.runtime.files import write_json
+from cvfm.runtime.files import write_json, write_text
 
 
 class RunDir:
@@ -62,3 +66,23 @@ class RunDir:
         record.update(fields)
         write_json(self.run_json, record)
         return record
+
+    def record_data(self, source: ImageSource) -> dict:
+        """Hash the training items of `source` into data_items.jsonl and run.json's "data_digest"."""
+        t0 = time.perf_counter()
+        return self.save_digest(digest_items(source), seconds=time.perf_counter() - t0)
+
+    def save_digest(self, entries: list[Entry], seconds: float | None = None) -> dict:
+        """Write `entries` as this run's training items (data_items.jsonl, run.json's "data_digest")."""
+        text, record = digest_file(entries)
+        write_text(self.path / DIGEST_FILE, text)
+        if seconds is not None:
+            record["seconds"] = round(seconds, 3)
+        self.update(data_digest=record)
+        return record
+
+    def read_digest(self) -> list[Entry] | None:
+        """The training items this run recorded; None when it predates digests. A DataError when
+        data_items.jsonl is missing or is not the file run.json describes."""
+        record = self.read().get("data_digest")
+        return None if record is None else parse_digest(self.path / DIGEST_FILE, record)

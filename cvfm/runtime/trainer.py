@@ -22,7 +22,9 @@ and a linear head over the training data's classes, on its labels (`labels=`), w
 optimizer (SGD); it is saved as the run's classifier/.
 
 `exclude` / `ledger` leave ids out of the training data (`cvfm.data.exclude`); run.json records how many
-and a hash of them, and a resumed run refuses to go on if that set has changed.
+and a hash of them, and a resumed run refuses to go on if that set has changed. The training items
+themselves are recorded in data_items.jsonl (ids, labels, content hashes: `cvfm.data.digest`), which
+`cvfm unlearn` checks before it calls a retraining exact; a resumed run refuses to go on if they changed.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from timm.layers import convert_sync_batchnorm
 from torch.utils.data import DataLoader
 
 import cvfm
+from cvfm.data.digest import compare, digest_items
 from cvfm.data.exclude import exclude_from
 from cvfm.data.loader import ImageDataset, SkipLog, collate
 from cvfm.data.sources import ImageSource, open_source
@@ -387,6 +390,8 @@ class _Trainer:
 
     def fit(self, on_step: Callable[[int], None] | None) -> Path:
         cfg, acc, run = self.cfg, self.accelerator, self.run
+        if self.is_main:
+            self._record_data()
         if cfg.resume:
             self._restore()
         if self.is_main:
@@ -413,6 +418,20 @@ class _Trainer:
             save_atomically(self.core.encoder, run.path / self.core.export_dir)
         self._finish("finished", t0)
         return run.path
+
+    def _record_data(self) -> None:
+        """data_items.jsonl: the items this run trains on. A resumed run must find the same items (a run
+        that predates digests stays without one)."""
+        if not self.cfg.resume:
+            self.run.record_data(self.dataset.source)
+            return
+        recorded = self.run.read_digest()
+        changes = recorded is not None and compare(recorded, digest_items(self.dataset.source))
+        if changes:
+            raise UsageError(
+                f"cannot resume '{self.run.path}': its training data changed since it started "
+                f"({changes.describe()}); start a new run instead"
+            )
 
     def _train_epoch(self, stop: _GracefulStop, on_step) -> None:
         """The rest of this epoch (all of it unless the run resumed within it), its summary (`epoch/*`:

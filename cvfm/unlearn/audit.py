@@ -43,13 +43,18 @@ class Audit(dict):
         self.scores = scores
 
 
-def audit(
+def audit(model: nn.Module, *, test: ImageSource, forget_test: ImageSource | None = None, **kwargs) -> Audit:
+    """Audit `model` against one held-out `test` split (and, for class forgetting, `forget_test`); the
+    other keyword arguments are `audit_splits`'."""
+    return audit_splits(model, splits={"test": (test, forget_test)}, **kwargs)["test"]
+
+
+def audit_splits(
     model: nn.Module,
     *,
     retain: ImageSource,
     forget: ImageSource,
-    test: ImageSource,
-    forget_test: ImageSource | None = None,
+    splits: dict[str, tuple[ImageSource, ImageSource | None]],
     transform,
     batch_size: int = 256,
     num_workers: int = 0,
@@ -57,8 +62,10 @@ def audit(
     seed: int = 0,
     max_samples: int | None = None,
     skips: SkipLog | None = None,
-) -> Audit:
-    """Audit `model` (images -> logits) on labelled sources whose labels use the model's class numbering.
+) -> dict[str, Audit]:
+    """Audit `model` (images -> logits) on labelled sources whose labels use the model's class numbering,
+    against each held-out split of `splits`, name -> (test, forget_test): e.g. a validation split and the
+    test split, with retain and forget predicted once.
 
     `forget_test` (class forgetting): the test items of the forgotten classes; `test` then holds the other
     classes only. `max_samples` scores a seeded random subset of retain of at most that size.
@@ -74,12 +81,14 @@ def audit(
     if max_samples is not None and len(retain) > max_samples:
         pick = np.random.default_rng(seed).choice(len(retain), max_samples, replace=False)
         retain = subset(retain, np.sort(pick))
-    sets = {"retain": retain, "forget": forget, "test": test}
-    if forget_test is not None:
-        sets["forget_test"] = forget_test
+    sets = {"retain": retain, "forget": forget}
+    for name, (test, forget_test) in splits.items():
+        sets[f"{name}/test"] = test
+        if forget_test is not None:
+            sets[f"{name}/forget_test"] = forget_test
     skips = skips if skips is not None else SkipLog()
     out = {}
-    for name, source in sets.items():
+    for key, source in sets.items():
         probs, labels, losses = predictions(
             model,
             source,
@@ -88,15 +97,30 @@ def audit(
             num_workers=num_workers,
             device=device,
             skips=skips,
-            desc=f"{name} predictions",
+            desc=f"{key} predictions",
         )
         if len(labels) == 0:
-            raise CvfmError(f"the {name} set has no readable image left to audit")
-        out[name] = {
+            raise CvfmError(f"the {key.split('/')[-1]} set has no readable image left to audit")
+        out[key] = {
             "correct": probs.argmax(axis=1) == labels,
             "confidence": true_label_confidence(probs, labels),
             "loss": losses,
         }
+    audits = {}
+    for name in splits:
+        scored = {"retain": out["retain"], "forget": out["forget"]}
+        scored |= {k.split("/")[1]: v for k, v in out.items() if k.startswith(f"{name}/")}
+        metrics = _metrics(scored, seed)
+        if len(retain) < retain_total:
+            metrics["counts"]["retain_total"] = retain_total
+            metrics["max_samples"] = max_samples
+        scores = {k: {"loss": o["loss"], "confidence": o["confidence"]} for k, o in scored.items()}
+        audits[name] = Audit(metrics, scores)
+    return audits
+
+
+def _metrics(out: dict[str, dict[str, np.ndarray]], seed: int) -> dict:
+    """The audit's metrics from each set's correctness, true-label confidence and loss."""
     metrics = {
         "ua": 1.0 - _mean(out["forget"]["correct"]),
         "ra": _mean(out["retain"]["correct"]),
@@ -109,19 +133,12 @@ def audit(
     )
     metrics["loss_auc"] = loss_threshold_auc(out["forget"]["loss"], out["test"]["loss"])
     metrics["loss_auc_retain"] = loss_threshold_auc(out["retain"]["loss"], out["test"]["loss"])
-    if (
-        "forget_test" in out
-    ):  # class forgetting: the fair non-members of the forget set are its classes' test items
-        metrics["loss_auc_forget_test"] = loss_threshold_auc(
-            out["forget"]["loss"], out["forget_test"]["loss"]
-        )
+    if "forget_test" in out:  # class forgetting: the fair non-members of the forget set
+        forget_test = out["forget_test"]["loss"]
+        metrics["loss_auc_forget_test"] = loss_threshold_auc(out["forget"]["loss"], forget_test)
     metrics = {k: round(float(v), 6) for k, v in metrics.items()}
     metrics["counts"] = {name: int(len(o["loss"])) for name, o in out.items()}
-    if len(retain) < retain_total:
-        metrics["counts"]["retain_total"] = retain_total
-        metrics["max_samples"] = max_samples
-    scores = {name: {"loss": o["loss"], "confidence": o["confidence"]} for name, o in out.items()}
-    return Audit(metrics, scores)
+    return metrics
 
 
 def gaps(metrics: dict, reference: dict) -> dict:
@@ -307,7 +324,8 @@ def _recorded_original(info: dict, path: Path) -> str | None:
 
 
 def _guarantee(info: dict | None, path: Path | None, digest: str) -> tuple[str, str, bool | None]:
-    """("exact" | "empirical", what that rests on, whether the model forgot this very set of ids)."""
+    """(the guarantee unlearn.json records, what it rests on, whether the model forgot this very set of
+    ids); "empirical" when it forgot another set."""
     if info is None:
         return (
             "empirical",
@@ -318,15 +336,18 @@ def _guarantee(info: dict | None, path: Path | None, digest: str) -> tuple[str, 
     recorded = info.get("forget_ids_sha256") or (info.get("forget") or {}).get("sha256")
     matches = None if recorded is None else recorded == digest
     method = info.get("method", "?")
-    if not info.get("exact"):
-        return "empirical", f"{path}: method '{method}' is approximate", matches
+    level = info.get("guarantee") or ("exact" if info.get("exact") else "empirical")
+    basis = info.get("guarantee_basis")
+    if level == "empirical":
+        return "empirical", f"{path}: {basis or f'method {method!r} is approximate'}", matches
     if matches is False:
         return (
             "empirical",
             f"{path}: method '{method}' is exact, but for a different forget set than this request's",
             matches,
         )
-    return "exact", f"{path}: method '{method}' is exact (the model never trained on the forget set)", matches
+    default = f"method '{method}' is exact (the model never trained on the forget set)"
+    return level, f"{path}: {basis or default}", matches
 
 
 def _mean(values: np.ndarray) -> float:

@@ -4,8 +4,8 @@ An unlearned model should treat the forget set like data it never saw. Two attac
 
 - MIA-efficacy (Jia et al. 2023, "Model sparsity can simplify machine unlearning"; Fan et al. 2024,
   SalUn): an RBF SVM on the true-label confidence, trained with retain items as members and test items
-  as non-members; the share of the forget set it calls non-member. As OPTML-Group/Unlearn-Saliency
-  `evaluation/SVC_MIA.py` (the "confidence" entry of `SVC_MIA`).
+  as non-members (as many of each); the share of the forget set it calls non-member. As
+  OPTML-Group/Unlearn-Saliency `evaluation/SVC_MIA.py` (the "confidence" entry of `SVC_MIA`).
 - Loss threshold (Yeom et al. 2018): members have lower loss; the ROC AUC of the score -loss, members
   labelled 1. 0.5 means the two sets cannot be told apart by their loss.
 """
@@ -70,17 +70,22 @@ def mia_training_set(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The attack's training set: features (M, 1) and labels (1 = member, 0 = non-member).
 
-    Members are a seeded random subset of `member_conf` as large as the non-member set (all of them when
-    there are fewer), as Unlearn-Saliency's shadow_train: a retain subset the size of the test set.
+    The two classes are balanced: the larger side is a seeded random subset as large as the other, as
+    Unlearn-Saliency's shadow_train (a retain subset the size of the test set). Unbalanced, an SVM on
+    overlapping confidences calls everything the majority class: with fewer members than non-members,
+    every forget item would be "non-member" and MIA-efficacy 100% for any model.
     """
     member_conf, nonmember_conf = np.asarray(member_conf, np.float64), np.asarray(nonmember_conf, np.float64)
     if len(member_conf) == 0 or len(nonmember_conf) == 0:
         raise ValueError("the attack needs both members and non-members to train on")
-    if len(member_conf) > len(nonmember_conf):
-        pick = np.random.default_rng(seed).choice(len(member_conf), len(nonmember_conf), replace=False)
-        member_conf = member_conf[np.sort(pick)]
+    n = min(len(member_conf), len(nonmember_conf))
+    rng = np.random.default_rng(seed)
+    member_conf, nonmember_conf = (
+        conf[np.sort(rng.choice(len(conf), n, replace=False))] if len(conf) > n else conf
+        for conf in (member_conf, nonmember_conf)
+    )
     x = np.concatenate([member_conf, nonmember_conf]).reshape(-1, 1)
-    y = np.concatenate([np.ones(len(member_conf)), np.zeros(len(nonmember_conf))]).astype(np.int64)
+    y = np.concatenate([np.ones(n), np.zeros(n)]).astype(np.int64)
     return x, y
 
 

@@ -3,11 +3,14 @@
 The model is a classifier from `cvfm finetune` (or the output of an earlier `unlearn`): its run.json
 holds the recipe it was trained with, so `retrain` can rerun that recipe on the retained data (exact),
 `head` can refit a frozen backbone's head (exact), and the approximate methods know the training data,
-batch size, augmentation and length. The output folder is itself a classifier run: `classifier/`,
-`run.json` (the recipe, now excluding every forgotten id, so a later request can retrain exactly),
-`forgotten_ids.txt`, `unlearn.json` (request, method, guarantee, settings, wall time, audit) and the
-attack-score plot. With a ledger, the request is appended to it, and a request already in it is not
-carried out again.
+batch size, augmentation and length. Exact holds only if the data is still the data the model was
+trained on: `cvfm.unlearn.guarantee` checks the items against the model's record first.
+
+The output folder is itself a classifier run: `classifier/`, `run.json` (the recipe, now excluding
+every forgotten id, so a later request can retrain exactly), `data_items.jsonl` (the items it stands
+for), `forgotten_ids.txt`, `unlearn.json` (request, method, guarantee and its basis, the data check,
+settings, wall time, audit) and the attack-score plot. With a ledger, the request is appended to it,
+and a request already in it is not carried out again.
 """
 
 from __future__ import annotations
@@ -35,10 +38,10 @@ from cvfm.runtime.progress import log
 from cvfm.runtime.run_dir import RunDir
 from cvfm.runtime.threads import share_cores_with_workers
 from cvfm.runtime.trainer import cpu_processes, save_atomically
+from cvfm.unlearn.guarantee import EXACT_METHODS, Guarantee, judge
 from cvfm.unlearn.ledger import Ledger, model_digest
 from cvfm.unlearn.request import ForgetRequest, default_request_id
 
-EXACT_METHODS = ("retrain", "head")
 AUDIT_KEYS = (
     "ua",
     "ra",
@@ -69,6 +72,7 @@ class UnlearnConfig:
     audit: bool = True
     overwrite: bool = False
     resume: bool = False  # retrain: continue an interrupted retraining in `output`
+    allow_changed_data: bool = False  # exact methods on data that changed since training: "empirical"
 
 
 def training_recipe(model: str) -> FinetuneConfig:
@@ -112,6 +116,7 @@ def unlearn(cfg: UnlearnConfig) -> dict:
     _check_method(method, original)
     if method == "retrain":
         recipe = _same_global_batch(recipe, cfg.model, state.num_processes)
+    verdict = judge(method, cfg.model, retain, forget_ids, allow_changed_data=cfg.allow_changed_data)
     out = Path(cfg.output)
     if method != "retrain":  # retrain's run folder is checked and created by finetune
         RunDir(out, overwrite=cfg.overwrite)
@@ -129,8 +134,11 @@ def unlearn(cfg: UnlearnConfig) -> dict:
         model, settings = _refit_head(original, retain, forget_ids, recipe), {"head": recipe.head}
     else:
         model, settings = _approximate(cfg, method, original, retain, forget, recipe)
-    wall_s = round(time.perf_counter() - t0, 3)
     _write_run(out, recipe, all_forgotten, None if method == "retrain" else model, cfg.overwrite)
+    items = _output_items(method, original, verdict)
+    if items is not None:
+        RunDir(out, resume=True).save_digest(items)
+    wall_s = round(time.perf_counter() - t0, 3)
     record = {
         "request_id": request_id,
         "request": cfg.request.describe(),
@@ -138,8 +146,8 @@ def unlearn(cfg: UnlearnConfig) -> dict:
         "forget_ids_sha256": ids_sha256(forget_ids),
         "num_forgotten": len(forget_ids),
         "method": method,
-        "exact": method in EXACT_METHODS,
-        "guarantee": "exact" if method in EXACT_METHODS else "empirical",
+        **verdict.record(),
+        "data_check": verdict.data_check,
         "settings": settings,
         "seed": cfg.seed,
         "data": {"spec": recipe.data, "split": recipe.split, "train": len(source), "retain": len(retain)},
@@ -186,6 +194,17 @@ def _same_global_batch(recipe: FinetuneConfig, model: str, world: int) -> Finetu
             f"share it evenly: retrain it with a number of processes that divides {total}"
         )
     return replace(recipe, batch_size=total // world)
+
+
+def _output_items(method: str, original: Classifier, verdict: Guarantee):
+    """The training items to record for the output (its data_items.jsonl): a refitted linear head's are
+    the retained items as they are now; a k-NN head less its rows, or an approximately unlearned model,
+    keeps the original's less the forgotten ones; a retraining has recorded its own (None)."""
+    if method == "retrain":
+        return None
+    if method == "head" and not isinstance(original.head, KnnHead):
+        return verdict.current
+    return verdict.recorded
 
 
 def _retrain(cfg: UnlearnConfig, recipe: FinetuneConfig, forgotten: list[str]) -> tuple[Classifier, dict]:
