@@ -7,7 +7,7 @@ Run from the repository root with the venv active (lightly, the `bench` extra, o
     HF_HUB_OFFLINE=1 python benchmarks/ssl.py --skip-quality          # only the step-speed comparison
     HF_HUB_OFFLINE=1 python benchmarks/ssl.py --summarise runs/ssl-quality.jsonl --markdown
 
-Part 1 (quality): cvfm/tiny-resnet pre-trained from random init at a fixed budget (default 20 epochs
+Part 1 (quality): cvfm/tiny-resnet pre-trained from random init at a fixed budget (default 10 epochs
 of batch 64) on builtin:animal-mnist, scored by `evaluate("knn" | "linear", ...)` (train split = k-NN
 bank / probe training set). In two phases:
 
@@ -139,7 +139,7 @@ def method_options(name: str, args) -> dict:
 
 # Candidate short-run options, scored on a validation split held out of train. The first candidate of
 # each method is cvfm's default (the paper's); the second a slower target with milder crops. Two, not a
-# full grid, to fit 2 CPU cores: each candidate costs a 20-epoch pre-training.
+# full grid, to fit 2 CPU cores: each candidate costs a full pre-training.
 GRID = {
     "simclr": ({},),
     "byol": (
@@ -830,7 +830,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated: simclr,byol,dino")
-    p.add_argument("--epochs", type=int, default=None, help="epochs per run (default 20; quick 1)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per run (default 10; quick 1)")
     p.add_argument("--data", default=None, help="default builtin:animal-mnist (quick: digits)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=2, help="data-loader workers for pretrain and evaluate")
@@ -887,7 +887,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     quick = args.quick
     args.data = args.data or ("builtin:digits" if quick else "builtin:animal-mnist")
-    args.epochs = args.epochs or (1 if quick else 20)
+    args.epochs = args.epochs or (1 if quick else 10)
     args.steps = args.steps or (5 if quick else 20)
     args.warmup = args.warmup if args.warmup is not None else (1 if quick else 3)
     args.val_size = args.val_size or (300 if quick else 1000)

@@ -5,14 +5,15 @@ Data. Animal-MNIST's fixed split (8,000 train / 2,000 test) is written once as P
 manifest. 10% of the training split (800 images, stratified by class, seed 0) is held out as the
 validation split and never trained on. Two settings:
 - standard: the other 7,200 images, augmentation, 10 epochs, batch 128. The tiny model barely
-  memorises (its train and test top-1 are close), so forgetting a random 10% leaves little to undo;
+  memorises (its train and test top-1 are close), so forgetting a random 10% leaves little to undo: this
+  setting forgets the class `cat`;
 - memorising: 1,000 of them (100 per class, seed 0), no augmentation, 30 epochs, batch 64. The
   original fits its training set and stays well below that on test (the gap is printed).
 
 For each setting and seed: fine-tune the original (`cvfm finetune`); then for each forget request
-(standard: 10% of the training items at random and the class `cat`; memorising: 10% at random), run
+(standard: the class `cat`; memorising: 10% of the training items at random), run
 `retrain` (the exact reference) and each approximate method at its published learning rate times each
-of `--lr-grid` (1, 2, 4). Every model is audited twice: with the validation split in place of the test
+of `--lr-grid` (1, 4). Every model is audited twice: with the validation split in place of the test
 split, and with the test split. A method's learning rate is chosen per setting and request as the one
 whose average gap to retraining (SalUn's "Avg. Gap" over UA, RA, TA and MIA-efficacy) on validation is
 lowest, averaged over seeds; the test split plays no part in the choice. The table gives test figures,
@@ -63,7 +64,7 @@ class Setting:
 
 
 SETTINGS = {
-    "standard": Setting("standard", None, True, 10, 128, ("random", "class")),
+    "standard": Setting("standard", None, True, 10, 128, ("class",)),
     "memorising": Setting("memorising", 100, False, 30, 64, ("random",)),
 }
 
@@ -437,7 +438,7 @@ def main() -> None:
     p.add_argument("--fraction", type=float, default=0.1, help="share forgotten by the random request")
     p.add_argument("--forget-class", default="cat")
     p.add_argument("--methods", nargs="+", default=list(APPROXIMATE))
-    p.add_argument("--lr-grid", type=float, nargs="+", default=[1.0, 2.0, 4.0], help="× the published lr")
+    p.add_argument("--lr-grid", type=float, nargs="+", default=[1.0, 4.0], help="× the published lr")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", default="runs/bench-unlearn")
     p.add_argument(
