@@ -203,6 +203,7 @@ def _epoch_losses(run, key="epoch/loss") -> list[float]:
     return [r[key] for r in records if key in r]
 
 
+@pytest.mark.slow
 def test_blip_filter_trains_on_jsonl_pairs_and_saves_a_matcher(tmp_path, toy_pairs):
     run = pretrain(_config(tmp_path / "run", toy_pairs, "blip-filter", epochs=12, lr=2e-3))
     info = json.loads((run / "run.json").read_text())
@@ -237,6 +238,7 @@ def test_blip_filter_trains_on_jsonl_pairs_and_saves_a_matcher(tmp_path, toy_pai
     assert float(((img @ txt.T).argmax(1).numpy() == labels).mean()) >= 0.9  # 1.0 here; 0.29 untrained
 
 
+@pytest.mark.slow
 def test_itm_learns_to_reject_the_mined_wrong_colour_captions(toy_pairs):
     """ITM leaves its majority-class plateau (accuracy 2/3: always "no match") after ~100 steps from random
     init; here 250 steps at a constant lr, then the head accepts the true pairs and ranks each image's

@@ -237,6 +237,7 @@ def _stop_at(step_to_stop: int):
     return on_step
 
 
+@pytest.mark.slow
 def test_interrupted_clip_run_resumes_to_identical_weights(tmp_path, toy_pairs):
     full = pretrain(_config(tmp_path / "full", toy_pairs, epochs=3))
     part = tmp_path / "part"

@@ -321,6 +321,7 @@ def test_resume_after_an_interrupted_run_computes_only_the_missing_parts(pairs, 
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
 
 
+@pytest.mark.slow
 def test_sigterm_leaves_whole_parts_and_a_rerun_finishes(tmp_path):
     """A real process stopped by SIGTERM after its first part (of 18, one image a batch): it says so, exits
     130, leaves only complete parts on disk, and rerunning the same command finishes with the same arrays
@@ -475,6 +476,7 @@ def test_texts_only(cli, tmp_path):
     assert cos.min() > 0.99
 
 
+@pytest.mark.slow
 def test_stdin_paths_to_stdout_json_lines(digit_folder):
     """`find ... | cvfm embed MODEL --data - -o -`: one JSON line per image on stdout, logs on stderr."""
     paths = sorted(str(p) for p in (digit_folder / "test").rglob("*.png"))

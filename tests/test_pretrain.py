@@ -69,7 +69,7 @@ def _assert_same(a: dict, b: dict) -> None:
         assert torch.equal(a[k], b[k]), f"{k} differs after resume"
 
 
-@pytest.mark.parametrize("method", ["dino", "byol"])
+@pytest.mark.parametrize("method", [pytest.param("dino", marks=pytest.mark.slow), "byol"])
 def test_interrupted_run_resumes_to_identical_weights(tmp_path, method):
     opts = {} if method == "byol" else {"local_crops": "2", "out_dim": "128"}
     full = pretrain(_config(tmp_path / "full", method=method, options=opts))
@@ -94,6 +94,7 @@ def _records(run) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "images_per_s"} for r in records]
 
 
+@pytest.mark.slow
 def test_crash_resumes_from_last_periodic_checkpoint(tmp_path):
     full = pretrain(_config(tmp_path / "full", epochs=2))
     part = tmp_path / "part"
@@ -122,6 +123,7 @@ def _entropy_run(tmp_path, name, **options):
     return entropy, last[-1]["train/teacher_entropy_max"]
 
 
+@pytest.mark.slow
 def test_dino_without_centering_or_sharpening_shows_collapse(tmp_path):
     healthy, ln_k = _entropy_run(tmp_path, "both")
     no_center, _ = _entropy_run(tmp_path, "no_center", centering="false")

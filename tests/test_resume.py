@@ -183,6 +183,7 @@ def test_pretrain_killed_resumes_exactly_and_skips_a_torn_checkpoint(pretrained,
     assert _status(part) == "finished"
 
 
+@pytest.mark.slow
 def test_pretrain_sigterm_mid_epoch_resumes_exactly_with_the_run_threads(pretrained, digit_folder, tmp_path):
     """Started with --num-workers 0 (two torch threads), stopped by SIGTERM mid-epoch, resumed without
     --num-workers: the run keeps its thread count, and its epoch/* records cover the whole epoch."""

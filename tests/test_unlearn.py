@@ -229,6 +229,7 @@ def test_usage_errors(cli, trained, tmp_path, digit_folder):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_interrupted_retrain_resumes_exactly(trained, digit_folder, tmp_path, monkeypatch):
     import os
     import signal
