@@ -3,7 +3,7 @@
 This is the model that machine unlearning edits: `cvfm finetune` trains one (the whole network, or a
 head on a frozen backbone), `cvfm unlearn` changes it, `cvfm evaluate unlearning` audits it. The head is
 a `LinearHead` (standardised features -> logits) or a `KnnHead` (a bank of L2-normalised training
-features voting as in `cvfm.eval.knn`; forgetting an item drops its row).
+features voting as in `cvfm.models.knn`; forgetting an item drops its row).
 
 Saved as a folder: classifier.json (format, head kind, classes, provenance, the bank's item ids),
 backbone/ (`Encoder.save`, loadable by the registry) and head.safetensors. Loading is strict: a head
@@ -23,6 +23,7 @@ from torch import nn
 from cvfm.data.views import Preprocess
 from cvfm.errors import CvfmError, UsageError
 from cvfm.models.encoder import Encoder
+from cvfm.models.knn import knn_predict_scores
 
 FORMAT = "cvfm-classifier"
 CONFIG_FILE = "classifier.json"
@@ -81,9 +82,7 @@ class KnnHead(nn.Module):
 
     @torch.no_grad()
     def votes(self, features: torch.Tensor) -> torch.Tensor:
-        """Summed vote weights per class (N, C): `cvfm.eval.knn.knn_predict_scores` over the bank."""
-        from cvfm.eval.knn import knn_predict_scores
-
+        """Summed vote weights per class (N, C): `knn_predict_scores` over the bank."""
         if len(self.ids) == 0:
             raise CvfmError("the k-NN head has an empty bank")
         if features.shape[0] == 0:
