@@ -35,10 +35,9 @@ from cvfm.models.classifier import (
     LinearHead,
     class_names,
     labelled_classes,
-    load_classifier,
 )
 from cvfm.models.encoder import Encoder
-from cvfm.registry import create_encoder
+from cvfm.registry import create_classifier, create_encoder
 from cvfm.runtime.progress import log
 from cvfm.runtime.run_dir import RunDir
 from cvfm.runtime.threads import share_cores_with_workers
@@ -193,7 +192,7 @@ def _record_train_top1(cfg: FinetuneConfig, path: Path) -> None:
     """Top-1 of the fine-tuned classifier on its training data (evaluation transform), into run.json."""
     run = RunDir(path, resume=True)
     source, _, _ = open_training_data(replace(cfg, strict=False), quiet=True)
-    classifier = load_classifier(path / "classifier")
+    classifier = create_classifier(str(path / "classifier"))
     device = _device()
     logits, labels, _ = extract_features(
         classifier, source, num_workers=cfg.num_workers, device=device, desc="train top-1"

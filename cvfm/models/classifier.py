@@ -13,7 +13,7 @@ file with missing or unexpected tensors is an error, never a partial load.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -193,12 +193,11 @@ def is_classifier_folder(folder: str | Path) -> bool:
     return (Path(folder) / CONFIG_FILE).is_file()
 
 
-def load_classifier(folder: str | Path) -> Classifier:
-    """Rebuild `Classifier.save`'s folder: the backbone through the registry, the head from safetensors;
-    every head tensor must be present, expected and of the right shape."""
+def load_classifier(folder: str | Path, load_backbone: Callable[[str], Encoder]) -> Classifier:
+    """Rebuild `Classifier.save`'s folder: the backbone by `load_backbone(backbone folder)` (the registry's
+    `create_encoder`), the head from safetensors; every head tensor must be present, expected and of the
+    right shape."""
     from safetensors.torch import load_file
-
-    from cvfm.registry import create_encoder
 
     folder = Path(folder)
     try:
@@ -211,7 +210,7 @@ def load_classifier(folder: str | Path) -> Classifier:
         raise CvfmError(f"'{folder / CONFIG_FILE}' is not a {FORMAT} file")
     if not (folder / HEAD_FILE).is_file():
         raise CvfmError(f"classifier '{folder}' has no {HEAD_FILE} (cvfm reads no pickle files)")
-    encoder = create_encoder(str(folder / "backbone"))
+    encoder = load_backbone(str(folder / "backbone"))
     state = load_file(folder / HEAD_FILE)
     classes = list(config["classes"])
     if config["head"] == "linear":
