@@ -28,6 +28,7 @@ from cvfm.errors import UsageError
 from cvfm.runtime.device import default_device
 from cvfm.runtime.precision import autocast, precision_name, resolve_precision
 from cvfm.runtime.progress import log
+from cvfm.runtime.threads import share_cores_with_workers
 
 
 def _chunks(stream, follow: bool, batch_size: int) -> Iterator[Iterator[tuple[int, str]]]:
@@ -200,8 +201,6 @@ def capfilt(
     if not to_stdout:
         io.start_files(out, rejects, settings, state)
     if dev.type == "cpu":
-        from cvfm.runtime.threads import share_cores_with_workers
-
         share_cores_with_workers(num_workers)
     cap_pre, itm_pre = cap_model.preprocess, itm_model.preprocess
     images = _Images(cap_pre.transform(), None if itm_pre == cap_pre else itm_pre.transform())
