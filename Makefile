@@ -34,6 +34,7 @@ test-all: setup
 lint: setup
 	$(BIN)/ruff check cvfm tests benchmarks
 	$(BIN)/ruff format --check cvfm tests benchmarks
+	$(BIN)/lint-imports
 
 bench: setup
 	$(BIN)/python -m pip install -q --no-deps lightly

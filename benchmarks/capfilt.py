@@ -256,10 +256,10 @@ SPEED_RATIOS = {
 def speed(manifest: Path, work: Path, cap: Path, filt: Path, settings: dict, args) -> dict:
     """Every contender on the same pairs: round r takes the next `--round-pairs` pairs of the manifest;
     the contenders' order alternates (forward, then backward). Medians over rounds, and their ratios."""
-    from cvfm.embed.run import compute_threads
     from cvfm.registry import create_captioner, create_matcher
+    from cvfm.runtime.threads import share_cores_with_workers
 
-    threads = compute_threads(args.num_workers)
+    threads = share_cores_with_workers(args.num_workers)
     os.environ["OMP_NUM_THREADS"] = str(threads)  # capfilt keeps this count: every contender runs it
     print(
         f"speed: {args.rounds} rounds of {args.round_pairs} pairs, fp32, {threads} torch thread(s) each; "

@@ -456,10 +456,10 @@ def main() -> None:
         raise SystemExit(f"--images must be at least {3 * batch} (3 parts of one batch)")
 
     import cvfm
-    from cvfm.embed.run import compute_threads
     from cvfm.runtime.precision import cpu_has_bf16, precision_name, resolve_precision
+    from cvfm.runtime.threads import share_cores_with_workers
 
-    threads = compute_threads(args.num_workers)
+    threads = share_cores_with_workers(args.num_workers)
     os.environ["OMP_NUM_THREADS"] = str(threads)  # every contender, cvfm-0 included, keeps this count
     auto = precision_name(resolve_precision("auto", "cpu"))
     precisions = (args.precisions or ("fp32,bf16" if cpu_has_bf16() else "fp32")).split(",")

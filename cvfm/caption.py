@@ -31,11 +31,14 @@ from torch.utils.data import DataLoader, Sampler
 import cvfm
 from cvfm.data.loader import ImageDataset, SkipLog, collate
 from cvfm.data.sources import ImageSource, follow_stdin, open_source
-from cvfm.embed.run import compute_threads, rows_digest
+from cvfm.embed.run import rows_digest
 from cvfm.errors import UsageError
+from cvfm.runtime.device import default_device
 from cvfm.runtime.files import write_json
 from cvfm.runtime.precision import autocast, precision_name, resolve_precision
 from cvfm.runtime.progress import log, progress
+from cvfm.runtime.settings import check_same_settings, read_settings
+from cvfm.runtime.threads import share_cores_with_workers
 
 SETTINGS_SUFFIX = ".json"
 REJECTS_SUFFIX = ".rejects"
@@ -74,7 +77,7 @@ def caption(
     _check_settings(num_beams, top_p, num_captions, max_length, min_length, batch_size, repetition_penalty)
     follow = data == "-" and out == "-"  # a pipe in and out: caption the lines as they arrive
     source = None if follow else open_source(data, split=split, image_column=image_column, strict=strict)
-    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(default_device(device))
     amp = resolve_precision(precision, dev)
     sampling = top_p is not None
     settings = {
@@ -119,7 +122,7 @@ def caption(
     written = images = first = 0
     if batches != 0:
         if dev.type == "cpu":
-            compute_threads(num_workers)
+            share_cores_with_workers(num_workers)
         captioner.eval().to(dev)
     kwargs = {
         "prompt": prompt or None,
@@ -230,19 +233,19 @@ class CaptionFile:
                 f"output '{self.path}' is a folder: captions go to a .jsonl file (or - for stdout)"
             )
         if self.path.exists() and self.path.stat().st_size > 0 and not overwrite:
-            saved = _read_json(self.settings_path)
+            saved = read_settings(self.settings_path)
             if saved is None:
                 raise UsageError(
                     f"output '{self.path}' exists and was not written by cvfm caption (no "
                     f"{self.settings_path.name}): use --overwrite to replace it"
                 )
-            diff = [k for k in self.settings if k not in UNCOMPARED and saved.get(k) != self.settings[k]]
-            if diff:
-                shown = "; ".join(f"{k}: {saved.get(k)!r} there, {self.settings[k]!r} now" for k in diff[:3])
-                raise UsageError(
-                    f"output '{self.path}' holds captions made with other settings ({shown}): use the "
-                    "same settings to resume, --overwrite to replace it, or another -o"
-                )
+            check_same_settings(
+                saved,
+                self.settings,
+                f"output '{self.path}' holds captions made with other settings",
+                "use the same settings to resume, --overwrite to replace it, or another -o",
+                ignore=UNCOMPARED,
+            )
             return self._resume()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_json(self.settings_path, self.settings)
@@ -322,14 +325,6 @@ def _record(source: ImageSource, i: int, caps: list[str], num_captions: int) -> 
 def _reject(source: ImageSource, i: int, reason: str) -> dict:
     item = source.items[i]
     return {"id": item.id, "image": item.ref if isinstance(item.ref, str) else item.id, "reason": reason}
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def _check_unique_ids(source: ImageSource) -> None:

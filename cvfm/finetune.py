@@ -35,17 +35,17 @@ from cvfm.models.classifier import (
     LinearHead,
     class_names,
     labelled_classes,
-    load_classifier,
 )
 from cvfm.models.encoder import Encoder
-from cvfm.registry import create_encoder
+from cvfm.registry import create_classifier, create_encoder
+from cvfm.runtime.device import default_device
+from cvfm.runtime.precision import DTYPES, training_precision
 from cvfm.runtime.progress import log
 from cvfm.runtime.run_dir import RunDir
 from cvfm.runtime.threads import share_cores_with_workers
-from cvfm.runtime.trainer import PRECISIONS, PretrainConfig, pretrain, save_atomically, versions
+from cvfm.runtime.trainer import PretrainConfig, pretrain, save_atomically, versions
 
 HEADS = ("linear", "knn")
-AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -130,8 +130,7 @@ def _saved_config(cfg: FinetuneConfig) -> FinetuneConfig:
 def _check(cfg: FinetuneConfig) -> None:
     if cfg.head not in HEADS:
         raise UsageError(f"--head must be linear or knn, not '{cfg.head}'")
-    if cfg.precision not in PRECISIONS:
-        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, not '{cfg.precision}'")
+    training_precision(cfg.precision)  # refuses a name it does not know
     if not cfg.data:
         raise UsageError("--data is required (unless --resume continues an existing run)")
     if cfg.head == "knn" and cfg.k < 1:
@@ -164,10 +163,6 @@ def _pretrain_config(cfg: FinetuneConfig) -> PretrainConfig:
     )
 
 
-def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def open_training_data(
     cfg: FinetuneConfig, quiet: bool = False
 ) -> tuple[ImageSource, list[str], dict | None]:
@@ -193,8 +188,8 @@ def _record_train_top1(cfg: FinetuneConfig, path: Path) -> None:
     """Top-1 of the fine-tuned classifier on its training data (evaluation transform), into run.json."""
     run = RunDir(path, resume=True)
     source, _, _ = open_training_data(replace(cfg, strict=False), quiet=True)
-    classifier = load_classifier(path / "classifier")
-    device = _device()
+    classifier = create_classifier(str(path / "classifier"))
+    device = default_device()
     logits, labels, _ = extract_features(
         classifier, source, num_workers=cfg.num_workers, device=device, desc="train top-1"
     )
@@ -209,7 +204,7 @@ def _finetune_frozen(cfg: FinetuneConfig) -> Path:
     encoder = create_encoder(cfg.model, pretrained=cfg.load_weights)
     _check_saveable(encoder, cfg.model)
     run.create()
-    device = _device()
+    device = default_device()
     if device == "cpu":
         share_cores_with_workers(cfg.num_workers)
     skips = SkipLog(cfg.strict, source.skipped)
@@ -255,14 +250,14 @@ def fit_frozen_classifier(
     is returned on `device`, in eval mode.
     """
     classes = classes or class_names(source)
-    device = device or _device()
+    device = default_device(device)
     feats, labels, index = extract_features(
         encoder,
         source,
         num_workers=cfg.num_workers,
         device=device,
         skips=skips,
-        autocast_dtype=AUTOCAST.get(cfg.precision),
+        autocast_dtype=DTYPES.get(cfg.precision),
         desc="training features",
     )
     if len(feats) == 0:

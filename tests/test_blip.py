@@ -19,7 +19,8 @@ from transformers import (
 from cvfm.errors import CvfmError, UsageError
 from cvfm.models.blip import Captioner, Matcher
 from cvfm.models.tiny_blip import build_tiny_blip, build_tokenizer
-from cvfm.registry import _SMALL_PREPROCESS, create_captioner, create_matcher
+from cvfm.registry import create_captioner, create_matcher
+from cvfm.registry.presets import SMALL_PREPROCESS
 
 GEN = {"max_length": 12, "min_length": 3}
 TEXTS = ["a photo of a red cat", "the digit seven written in blue"]
@@ -33,14 +34,14 @@ def x() -> torch.Tensor:
 @pytest.fixture(scope="module")
 def captioner() -> Captioner:
     return Captioner(
-        build_tiny_blip(BlipForConditionalGeneration).eval(), build_tokenizer(), "t", _SMALL_PREPROCESS
+        build_tiny_blip(BlipForConditionalGeneration).eval(), build_tokenizer(), "t", SMALL_PREPROCESS
     )
 
 
 @pytest.fixture(scope="module")
 def matcher() -> Matcher:
     return Matcher(
-        build_tiny_blip(BlipForImageTextRetrieval).eval(), build_tokenizer(), "t", _SMALL_PREPROCESS
+        build_tiny_blip(BlipForImageTextRetrieval).eval(), build_tokenizer(), "t", SMALL_PREPROCESS
     )
 
 

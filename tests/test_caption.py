@@ -30,7 +30,7 @@ def model(tmp_path_factory) -> str:
 
     from cvfm.models.blip import Captioner
     from cvfm.models.tiny_blip import build_tiny_blip, build_tokenizer
-    from cvfm.registry import _SMALL_PREPROCESS
+    from cvfm.registry.presets import SMALL_PREPROCESS
 
     blip = build_tiny_blip(BlipForConditionalGeneration)
     with torch.no_grad():  # a stronger cross-attention: at random init the image barely shapes the captions
@@ -38,7 +38,7 @@ def model(tmp_path_factory) -> str:
             if "crossattention" in name and ("value.weight" in name or "output.dense.weight" in name):
                 p.mul_(8)
     folder = tmp_path_factory.mktemp("blip") / "captioner"
-    Captioner(blip, build_tokenizer(), "t", _SMALL_PREPROCESS).save(folder)
+    Captioner(blip, build_tokenizer(), "t", SMALL_PREPROCESS).save(folder)
     return str(folder)
 
 

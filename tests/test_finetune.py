@@ -72,7 +72,10 @@ def test_classifier_round_trip_gives_the_same_logits(tmp_path, head):
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         expected = model(x)
-        for loaded in (load_classifier(tmp_path / "clf"), create_classifier(str(tmp_path / "clf"))):
+        for loaded in (
+            load_classifier(tmp_path / "clf", create_encoder),
+            create_classifier(str(tmp_path / "clf")),
+        ):
             assert loaded.classes == model.classes and loaded.num_classes == 3
             torch.testing.assert_close(loaded.eval()(x), expected, rtol=0, atol=0)
     assert expected.shape == (4, 3)
@@ -95,10 +98,10 @@ def test_head_weights_must_match_exactly(tmp_path):
         folder / "head.safetensors",
     )
     with pytest.raises(CvfmError, match=r"missing keys: std; unexpected keys: extra\.weight"):
-        load_classifier(folder)
+        load_classifier(folder, create_encoder)
     save_file({**state, "linear.weight": torch.zeros(5, 128)}, folder / "head.safetensors")
     with pytest.raises(CvfmError, match=r"wrong shapes: linear\.weight \(5, 128\)"):
-        load_classifier(folder)
+        load_classifier(folder, create_encoder)
 
 
 def test_create_classifier_names_what_it_expects(tmp_path):
@@ -190,7 +193,9 @@ def test_full_finetune_trains_a_classifier_that_reloads(tmp_path):
     assert clf.classes[:3] == ["zero", "one", "two"] and not clf.frozen and clf.backbone == "cvfm/tiny-resnet"
     x = torch.randn(5, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(load_classifier(run / "classifier").eval()(x), clf(x), rtol=0, atol=0)
+        torch.testing.assert_close(
+            load_classifier(run / "classifier", create_encoder).eval()(x), clf(x), rtol=0, atol=0
+        )
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     lrs = [m["train/lr"] for m in metrics if "train/lr" in m]
     assert len(lrs) == 10 and max(lrs) == pytest.approx(0.1)
@@ -299,7 +304,9 @@ def test_fit_frozen_classifier_on_retain_equals_finetune_with_exclude(tmp_path, 
 
     retain = subset(source, [i for i, it in enumerate(source.items) if it.id not in set(forget)])
     recipe = FinetuneConfig(**json.loads((original / "run.json").read_text())["finetune"])
-    refit = fit_frozen_classifier(load_classifier(original / "classifier").encoder, retain, recipe)
+    refit = fit_frozen_classifier(
+        load_classifier(original / "classifier", create_encoder).encoder, retain, recipe
+    )
     _same_tensors({k: v.cpu() for k, v in refit.head.state_dict().items()}, _head(excluded))
     if head == "knn":  # dropping the rows of the original bank is the same bank
         dropped = create_classifier(str(original)).head.without(forget)

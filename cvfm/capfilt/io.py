@@ -22,6 +22,7 @@ from typing import IO
 
 from cvfm.errors import UsageError
 from cvfm.runtime.files import write_json
+from cvfm.runtime.settings import check_same_settings, read_settings
 
 FORMAT = "cvfm-capfilt"
 RESERVED = ("line", "captions", "scores")  # fields capfilt writes into each output record
@@ -176,22 +177,19 @@ def check_settings(out: str, rejects: str | None, settings: dict, overwrite: boo
         return "new"
     if overwrite:
         return "overwrite"
-    try:
-        saved = json.loads(side.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        saved = None
-    if not isinstance(saved, dict) or saved.get("format") != FORMAT:
+    saved = read_settings(side, FORMAT)
+    if saved is None:
         raise UsageError(
             f"'{out}' (or its rejects file) exists but has no capfilt settings file '{side}': "
             "choose another --out, or pass --overwrite to replace it"
         )
-    diff = [k for k in settings if k not in UNCOMPARED and saved.get(k) != settings[k]]
-    if diff:
-        shown = "; ".join(f"{k}: {saved.get(k)!r} there, {settings[k]!r} now" for k in diff[:4])
-        raise UsageError(
-            f"'{out}' was written with other settings ({shown}): rerun with the same settings to "
-            "resume, choose another --out, or pass --overwrite to replace it"
-        )
+    check_same_settings(
+        saved,
+        settings,
+        f"'{out}' was written with other settings",
+        "rerun with the same settings to resume, choose another --out, or pass --overwrite to replace it",
+        ignore=UNCOMPARED,
+    )
     return "resume"
 
 

@@ -25,8 +25,10 @@ from cvfm.data.decode import DecodeError, decode_image
 from cvfm.data.stream import arrived
 from cvfm.data.text import own_stdin
 from cvfm.errors import UsageError
+from cvfm.runtime.device import default_device
 from cvfm.runtime.precision import autocast, precision_name, resolve_precision
 from cvfm.runtime.progress import log
+from cvfm.runtime.threads import share_cores_with_workers
 
 
 def _chunks(stream, follow: bool, batch_size: int) -> Iterator[Iterator[tuple[int, str]]]:
@@ -149,7 +151,7 @@ def capfilt(
         raise UsageError("--rejects - is not allowed: stdout carries the output records only")
     if not to_stdout and rejects is not None and Path(rejects).resolve() == Path(out).resolve():
         raise UsageError("--rejects must be another file than --out")
-    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(default_device(device))
     amp = resolve_precision(precision, dev)
     settings = {
         "cvfm_version": cvfm.__version__,
@@ -199,9 +201,7 @@ def capfilt(
     if not to_stdout:
         io.start_files(out, rejects, settings, state)
     if dev.type == "cpu":
-        from cvfm.embed.run import compute_threads
-
-        compute_threads(num_workers)
+        share_cores_with_workers(num_workers)
     cap_pre, itm_pre = cap_model.preprocess, itm_model.preprocess
     images = _Images(cap_pre.transform(), None if itm_pre == cap_pre else itm_pre.transform())
     written = 0

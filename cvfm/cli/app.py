@@ -6,7 +6,6 @@ Exit status: 0 done (also when the reader of stdout stopped early, as in `cvfm .
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import stat
@@ -66,17 +65,6 @@ def root(
     ),
 ) -> None:
     """cvfm: one registry, one runtime, composable subcommands."""
-
-
-def emit(record: dict, output: str | None = None) -> None:
-    """One strict JSON line to stdout, or appended to `output`."""
-    line = json.dumps(record, sort_keys=False, allow_nan=False) + "\n"
-    if output and output != "-":
-        with open(output, "a", encoding="utf-8") as f:
-            f.write(line)
-    else:
-        sys.stdout.write(line)
-        sys.stdout.flush()
 
 
 _registered = False

@@ -96,7 +96,7 @@ def capfilt(
     )
     log(format_summary(summary))
     if out != "-":
-        from cvfm.cli.app import emit
+        from cvfm.cli.output import emit
 
         emit(summary)
 

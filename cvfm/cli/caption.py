@@ -85,7 +85,7 @@ def caption(
         trust_remote_code=trust_remote_code,
     )
     if output != "-":
-        from cvfm.cli.app import emit
+        from cvfm.cli.output import emit
 
         emit(summary)
 

@@ -99,7 +99,7 @@ def embed(
         f"embed: {summary['rows']} rows, {parts['written']} parts written, {parts['already_done']} already "
         f"done, {skipped} skipped"
     )
-    from cvfm.cli.app import emit
+    from cvfm.cli.output import emit
 
     emit(summary)
 

@@ -27,7 +27,7 @@ def _run(
     task: str, *, output: str, train_split: str, test_split: str, random_init: bool, k=None, **kw
 ) -> None:
     """Map CLI values onto `cvfm.eval.run.evaluate` ('' means no split) and emit its JSON line."""
-    from cvfm.cli.app import emit
+    from cvfm.cli.output import emit
     from cvfm.eval.run import evaluate
 
     if k is not None:
@@ -112,7 +112,7 @@ Precision = typer.Option(
 
 def _run_vl(task: str, *, output: str, split: str, random_init: bool, **kw) -> None:
     """Map CLI values onto `cvfm.eval.vl_run` ('' means no split) and emit its JSON line."""
-    from cvfm.cli.app import emit
+    from cvfm.cli.output import emit
     from cvfm.eval import vl_run
 
     if "recall_k" in kw:
@@ -243,7 +243,7 @@ def unlearning(
       cvfm evaluate unlearning runs/salun --data photos.jsonl --forget erase.txt \\
         --reference runs/retrain --plot attack.png --output audit.jsonl
     """
-    from cvfm.cli.app import emit
+    from cvfm.cli.output import emit
     from cvfm.unlearn.audit import evaluate_unlearning
 
     request = common.forget_request(forget, forget_class, forget_where)

@@ -90,7 +90,7 @@ def finetune(
 
       cvfm finetune -o runs/clf --resume
     """
-    from cvfm.cli.app import emit
+    from cvfm.cli.output import emit
     from cvfm.finetune import FinetuneConfig
     from cvfm.finetune import finetune as run_finetune
 

@@ -31,7 +31,7 @@ def models(
 
       cvfm models 'open_clip/ViT-B-32:*' --open-clip
     """
-    from cvfm.cli.app import emit
+    from cvfm.cli.output import emit
 
     sources = ("cvfm",) + (("timm",) if timm else ()) + (("open_clip",) if open_clip else ())
     rows = list_models(pattern, sources=sources)

@@ -112,7 +112,7 @@ def pretrain(
 
       cvfm pretrain -o runs/dino --resume
     """
-    from cvfm.cli.app import emit
+    from cvfm.cli.output import emit
     from cvfm.errors import UsageError
     from cvfm.runtime.trainer import PretrainConfig
     from cvfm.runtime.trainer import pretrain as run_pretrain

@@ -81,7 +81,7 @@ def unlearn(
         if given:
             raise typer.BadParameter(f"{', '.join(given)} belong to `cvfm unlearn`, not to its subcommand")
         return
-    from cvfm.cli.app import emit
+    from cvfm.cli.output import emit
     from cvfm.errors import UsageError
     from cvfm.unlearn.run import UnlearnConfig
     from cvfm.unlearn.run import unlearn as run_unlearn
@@ -126,7 +126,7 @@ def show_ledger(
     from rich.console import Console
     from rich.table import Table
 
-    from cvfm.cli.app import emit
+    from cvfm.cli.output import emit
     from cvfm.errors import UsageError
     from cvfm.unlearn.ledger import Ledger
 

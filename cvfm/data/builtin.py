@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from cvfm.data.sources import ArraySource, Item
+from cvfm.data.items import ArraySource, Item
 from cvfm.errors import UsageError
 
 TEST_FRACTION = 0.2

@@ -12,10 +12,11 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from cvfm.console import log
+from cvfm.data.ledger import forgotten_ids
 from cvfm.data.sources import ImageSource, subset
 from cvfm.data.text import read_lines
 from cvfm.errors import UsageError
-from cvfm.runtime.progress import log
 
 
 def read_ids(path: str) -> list[str]:
@@ -57,9 +58,7 @@ def excluded_ids(exclude: str | None, ledger: str | None) -> set[str]:
     if ledger and not Path(ledger).exists():
         log(f"ledger '{ledger}' does not exist yet: it has forgotten nothing")
     elif ledger:
-        from cvfm.unlearn.ledger import Ledger
-
-        ids |= Ledger(ledger).forgotten_ids()
+        ids |= forgotten_ids(ledger)
     return ids
 
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from cvfm.errors import UsageError
 from cvfm.runtime.files import atomic_write, write_json
+from cvfm.runtime.settings import check_same_settings, read_settings
 
 CONFIG_FILE = "embed.json"
 FORMAT = "cvfm-embed"
@@ -38,11 +39,6 @@ def fingerprint(config: dict) -> str:
     """A short hash of the configuration (without the cvfm version)."""
     core = {k: v for k, v in config.items() if k not in UNVERSIONED}
     return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _short(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 24 else text[:20] + "...'"
 
 
 def _is_temp(name: str) -> bool:
@@ -66,21 +62,20 @@ class EmbedFolder:
             raise UsageError(f"output '{path}' is a file: embeddings go to a folder (or - for stdout)")
         if not path.exists() or self._is_empty():
             return "new"
-        saved = self.saved_config()
+        saved = read_settings(path / CONFIG_FILE, FORMAT)
         foreign = sorted(e.name for e in path.iterdir() if e.name not in LAYOUT and not _is_temp(e.name))
         if saved is not None and not foreign:
-            diff = [k for k in self.config if k not in UNVERSIONED and saved.get(k) != self.config[k]]
-            if not diff:
-                return "overwrite" if overwrite else "resume"
             if overwrite:
                 return "overwrite"
-            shown = "; ".join(
-                f"{k}: {_short(saved.get(k))} there, {_short(self.config[k])} now" for k in diff[:4]
+            check_same_settings(
+                saved,
+                self.config,
+                f"output folder '{path}' holds embeddings of another configuration",
+                "rerun the same command to resume it, choose another folder, or pass --overwrite to "
+                "replace it",
+                ignore=UNVERSIONED,
             )
-            raise UsageError(
-                f"output folder '{path}' holds embeddings of another configuration ({shown}): rerun the "
-                "same command to resume it, choose another folder, or pass --overwrite to replace it"
-            )
+            return "resume"
         if overwrite:
             return "overwrite"
         what = f"other files ({', '.join(foreign[:3])})" if foreign else f"no readable {CONFIG_FILE}"
@@ -98,13 +93,6 @@ class EmbedFolder:
                 continue
             return False
         return True
-
-    def saved_config(self) -> dict | None:
-        try:
-            saved = json.loads((self.path / CONFIG_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        return saved if isinstance(saved, dict) and saved.get("format") == FORMAT else None
 
     def write_config(self) -> None:
         write_json(self.path / CONFIG_FILE, {"format": FORMAT, **self.config})

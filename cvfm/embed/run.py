@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -26,8 +25,10 @@ from cvfm.embed.processes import Processes
 from cvfm.embed.towers import Towers, load_towers
 from cvfm.embed.writers import JsonLinesWriter, PartWriter
 from cvfm.errors import UsageError
+from cvfm.runtime.device import default_device
 from cvfm.runtime.precision import autocast, precision_name, resolve_precision
 from cvfm.runtime.progress import log, progress
+from cvfm.runtime.threads import share_cores_with_workers
 
 DTYPES = ("float32", "float16")
 
@@ -78,7 +79,7 @@ def embed(
         raise UsageError("-o - under several processes would interleave their lines: write to a folder")
     if procs.world > 1 and data == "-":
         raise UsageError("--data - (stdin) reaches one process only: use a manifest file with several")
-    dev = torch.device(device) if device else (procs.device or _default_device())
+    dev = torch.device(device) if device else (procs.device or torch.device(default_device()))
     amp = resolve_precision(precision, dev)
     loop = {"num_workers": num_workers, "normalize": normalize}
     summary = {
@@ -156,7 +157,7 @@ def embed(
         else:
             writer = JsonLinesWriter(source, on_part=on_part)
         if dev.type == "cpu":
-            compute_threads(num_workers, procs.world)
+            share_cores_with_workers(num_workers, procs.world)
         log(f"embed: {len(todo)} parts to compute on {dev} ({precision_name(amp)})")
         skips = SkipLog(strict, source.skipped)
         try:
@@ -202,7 +203,7 @@ def _embed_followed(
     """Embed standard input as it arrives (`follow_stdin`) to JSON lines: each chunk of whole batches
     is a part, embedded as soon as it is there."""
     if device.type == "cpu":
-        compute_threads(loop["num_workers"])
+        share_cores_with_workers(loop["num_workers"])
     log(f"embed: reading standard input, batches of {batch_size}, on {device} ({precision_name(amp)})")
     skips, lines_skipped, rows, parts = SkipLog(strict), [], 0, 0
     for part, source in enumerate(chunks):
@@ -243,19 +244,6 @@ def merge_summaries(summaries: list[dict]) -> dict:
     first["skipped"] = _unique([e for s in summaries for e in s["skipped"]])
     first["processes"] = len(summaries)
     return first
-
-
-def compute_threads(num_workers: int, world: int = 1) -> int:
-    """Torch threads for a CPU run: this process's share of the cores, less one per decoding worker
-    (unless OMP_NUM_THREADS is set). Decoding real photos costs about as much as running a small model,
-    and on a 2-core machine with other work running, 2 torch threads made a bf16 ViT-B/32 forward 3.5x
-    slower than 1 (threads that wait for a busy core stall every op)."""
-    if "OMP_NUM_THREADS" in os.environ:
-        return torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = max(1, cores // world - num_workers)
-    torch.set_num_threads(threads)
-    return threads
 
 
 @torch.inference_mode()
@@ -315,10 +303,6 @@ def _check_one_text_per_row(source: ImageSource, column: str) -> None:
             f"row '{bad.id}' has {len(bad.text)} texts in '{column}': embed takes one text per row "
             "(write one row per caption)"
         )
-
-
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _unique(entries: list[dict]) -> list[dict]:

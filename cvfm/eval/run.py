@@ -14,6 +14,7 @@ from cvfm.eval.features import extract_features
 from cvfm.eval.knn import check_ks, knn_evaluate
 from cvfm.eval.linear import linear_evaluate
 from cvfm.registry import create_encoder
+from cvfm.runtime.device import default_device
 from cvfm.runtime.threads import share_cores_with_workers
 
 
@@ -58,7 +59,7 @@ def evaluate(
             )
     test = relabel(test, train.classes, what="training data")  # folders may number classes differently
     encoder = create_encoder(model, pretrained=pretrained, trust_remote_code=trust_remote_code)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(device)
     if device == "cpu":
         share_cores_with_workers(num_workers)
     skips = SkipLog(strict, train.skipped + test.skipped)

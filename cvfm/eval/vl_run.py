@@ -31,6 +31,7 @@ from cvfm.eval.zeroshot import (
 )
 from cvfm.models.dual import DualEncoder
 from cvfm.registry import create_dual_encoder
+from cvfm.runtime.device import default_device
 from cvfm.runtime.precision import precision_name, resolve_precision
 from cvfm.runtime.threads import share_cores_with_workers
 
@@ -178,7 +179,7 @@ def _dual(model: str | DualEncoder, pretrained: bool, trust_remote_code: bool) -
 
 
 def _setup(device: str | None, precision: str, num_workers: int) -> tuple[str, torch.dtype | None]:
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(device)
     dtype = resolve_precision(precision, device)
     if device == "cpu":
         share_cores_with_workers(num_workers)

@@ -3,7 +3,7 @@
 This is the model that machine unlearning edits: `cvfm finetune` trains one (the whole network, or a
 head on a frozen backbone), `cvfm unlearn` changes it, `cvfm evaluate unlearning` audits it. The head is
 a `LinearHead` (standardised features -> logits) or a `KnnHead` (a bank of L2-normalised training
-features voting as in `cvfm.eval.knn`; forgetting an item drops its row).
+features voting as in `cvfm.models.knn`; forgetting an item drops its row).
 
 Saved as a folder: classifier.json (format, head kind, classes, provenance, the bank's item ids),
 backbone/ (`Encoder.save`, loadable by the registry) and head.safetensors. Loading is strict: a head
@@ -13,7 +13,7 @@ file with missing or unexpected tensors is an error, never a partial load.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -23,6 +23,7 @@ from torch import nn
 from cvfm.data.views import Preprocess
 from cvfm.errors import CvfmError, UsageError
 from cvfm.models.encoder import Encoder
+from cvfm.models.knn import knn_predict_scores
 
 FORMAT = "cvfm-classifier"
 CONFIG_FILE = "classifier.json"
@@ -81,9 +82,7 @@ class KnnHead(nn.Module):
 
     @torch.no_grad()
     def votes(self, features: torch.Tensor) -> torch.Tensor:
-        """Summed vote weights per class (N, C): `cvfm.eval.knn.knn_predict_scores` over the bank."""
-        from cvfm.eval.knn import knn_predict_scores
-
+        """Summed vote weights per class (N, C): `knn_predict_scores` over the bank."""
         if len(self.ids) == 0:
             raise CvfmError("the k-NN head has an empty bank")
         if features.shape[0] == 0:
@@ -194,12 +193,11 @@ def is_classifier_folder(folder: str | Path) -> bool:
     return (Path(folder) / CONFIG_FILE).is_file()
 
 
-def load_classifier(folder: str | Path) -> Classifier:
-    """Rebuild `Classifier.save`'s folder: the backbone through the registry, the head from safetensors;
-    every head tensor must be present, expected and of the right shape."""
+def load_classifier(folder: str | Path, load_backbone: Callable[[str], Encoder]) -> Classifier:
+    """Rebuild `Classifier.save`'s folder: the backbone by `load_backbone(backbone folder)` (the registry's
+    `create_encoder`), the head from safetensors; every head tensor must be present, expected and of the
+    right shape."""
     from safetensors.torch import load_file
-
-    from cvfm.registry import create_encoder
 
     folder = Path(folder)
     try:
@@ -212,7 +210,7 @@ def load_classifier(folder: str | Path) -> Classifier:
         raise CvfmError(f"'{folder / CONFIG_FILE}' is not a {FORMAT} file")
     if not (folder / HEAD_FILE).is_file():
         raise CvfmError(f"classifier '{folder}' has no {HEAD_FILE} (cvfm reads no pickle files)")
-    encoder = create_encoder(str(folder / "backbone"))
+    encoder = load_backbone(str(folder / "backbone"))
     state = load_file(folder / HEAD_FILE)
     classes = list(config["classes"])
     if config["head"] == "linear":

@@ -27,6 +27,7 @@ import abc
 import copy
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -258,27 +259,25 @@ class PairedEncoder(DualEncoder):
 
     @classmethod
     def load(
-        cls, folder: str | Path, name: str, *, pretrained: bool = True, trust_remote_code: bool = False
+        cls,
+        folder: str | Path,
+        name: str,
+        *,
+        load_encoder: Callable[[str], Encoder],
+        load_dual: Callable[[str], DualEncoder],
+        pretrained: bool = True,
     ) -> PairedEncoder:
-        """Rebuild from `save()`'s layout; `pretrained=False` keeps the architecture with a fresh random
-        initialisation (image, text and heads)."""
-        from cvfm.registry import create_dual_encoder, create_encoder
-
+        """Rebuild from `save()`'s layout, its parts by `load_encoder(image folder)` and, for a whole dual as
+        text half, `load_dual(text folder)` (the registry's doors); `pretrained=False` keeps the architecture
+        with a fresh random initialisation (image, text and heads: the loaders are asked for the same)."""
         folder = Path(folder)
         config = read_paired_config(folder, name)
-        image = create_encoder(
-            str(_sub(folder, config, "image", name)),
-            pretrained=pretrained,
-            trust_remote_code=trust_remote_code,
-        )
+        image = load_encoder(str(_sub(folder, config, "image", name)))
         text_folder = _sub(folder, config, "text", name)
         if config["text_kind"] == HFTextTower.kind:
             text: TextTower = HFTextTower.load(text_folder, name, pretrained)
         else:
-            dual = create_dual_encoder(
-                str(text_folder), pretrained=pretrained, trust_remote_code=trust_remote_code
-            )
-            text = DualTextTower(dual)
+            text = DualTextTower(load_dual(str(text_folder)))
         if text.embed_dim != config["embed_dim"]:
             raise CvfmError(
                 f"'{name}': its text model embeds in {text.embed_dim} dimensions, {PAIRED_CONFIG} says "

@@ -1,4 +1,5 @@
-"""Inference precision: `--precision auto|fp32|bf16|fp16` resolved to an autocast dtype for a device.
+"""Precision: `--precision auto|fp32|bf16|fp16` resolved to an autocast dtype for a device (inference), and
+a training run's fixed precision as Accelerate names it.
 
 `auto` picks the fastest precision the hardware runs natively: bf16 on a CUDA GPU that supports it
 (fp16 on older GPUs), bf16 on a CPU with bf16 instructions (`avx512_bf16` or `amx_bf16`; measured on
@@ -18,8 +19,9 @@ import torch
 
 from cvfm.errors import UsageError
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The one precision table: a fixed precision's autocast dtype (None: plain fp32, no autocast).
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = ("auto", *DTYPES)  # inference also takes "auto" (`resolve_precision`)
 
 
 @functools.cache
@@ -51,20 +53,28 @@ def resolve_precision(name: str, device: torch.device | str) -> torch.dtype | No
             return torch.bfloat16 if bf16_ok else torch.float16
         if name == "bf16" and not bf16_ok:
             raise UsageError("this GPU has no bf16 support: use --precision fp16 or fp32")
-        return _DTYPES[name]
+        return DTYPES[name]
     if device.type == "cpu":
         if name == "auto":
             return torch.bfloat16 if cpu_has_bf16() else None
         if name == "fp16":
             raise UsageError("--precision fp16 needs a GPU: on a CPU use bf16 or fp32")
-        return _DTYPES[name]
+        return DTYPES[name]
     # Other accelerators (mps, xpu, ...): fp32 unless a precision is asked for explicitly.
-    return None if name == "auto" else _DTYPES[name]
+    return None if name == "auto" else DTYPES[name]
 
 
 def precision_name(dtype: torch.dtype | None) -> str:
     """ "fp32", "bf16" or "fp16": the name recorded in outputs for a resolved precision."""
-    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+def training_precision(name: str) -> str:
+    """Accelerate's `mixed_precision` for a training `--precision` (fp32, bf16 or fp16; no "auto": a run
+    records what it trained in); a usage error for another name."""
+    if name not in DTYPES:
+        raise UsageError(f"--precision must be one of {', '.join(DTYPES)}, not '{name}'")
+    return "no" if name == "fp32" else name
 
 
 def autocast(device: torch.device | str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:

@@ -6,10 +6,11 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-console = Console(stderr=True)
+from cvfm.console import console, log
+
+__all__ = ["log", "progress"]  # log: re-exported for its many callers
 
 
 @contextmanager
@@ -27,8 +28,3 @@ def progress(desc: str, total: int | None) -> Iterator[Callable[[int], None]]:
     ) as bar:
         task = bar.add_task(desc, total=total)
         yield lambda n=1: bar.advance(task, n)
-
-
-def log(message: str) -> None:
-    """A line for humans, on stderr (as is: never wrapped, brackets kept, so a long path stays greppable)."""
-    console.print(message, highlight=False, markup=False, soft_wrap=True)

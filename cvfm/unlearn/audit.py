@@ -22,6 +22,7 @@ from cvfm.data.exclude import drop_ids, excluded_ids, ids_sha256
 from cvfm.data.loader import SkipLog
 from cvfm.data.sources import ImageSource, open_source, relabel, subset
 from cvfm.errors import CvfmError, UsageError
+from cvfm.runtime.device import default_device
 from cvfm.unlearn.mia import (
     loss_threshold_auc,
     mia_efficacy,
@@ -197,7 +198,7 @@ def evaluate_unlearning(
     if original is None and record_info is not None:
         original = _recorded_original(record_info, record_path)
     models = {"after": model_id, "before": original, "reference": reference}
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(device)
     if device == "cpu":
         from cvfm.runtime.threads import share_cores_with_workers
 

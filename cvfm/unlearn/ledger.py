@@ -14,35 +14,18 @@ import json
 import os
 from pathlib import Path
 
-from cvfm.data.text import ENCODING
-from cvfm.errors import CvfmError, UsageError
-from cvfm.runtime.progress import log
+from cvfm.data.ledger import check_ledger_path, forgotten_ids, ledger_entries
+from cvfm.errors import CvfmError
 
 
 class Ledger:
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        if self.path.exists() and not self.path.is_file():
-            raise UsageError(f"ledger '{self.path}' is not a file")
+        check_ledger_path(self.path)
 
     def entries(self) -> list[dict]:
         """Every readable entry, oldest first (a missing file is an empty ledger)."""
-        if not self.path.exists():
-            return []
-        out = []
-        with open(self.path, encoding=ENCODING) as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    entry = json.loads(line)
-                    if not isinstance(entry, dict) or "request_id" not in entry:
-                        raise ValueError("not a ledger entry")
-                except ValueError as e:
-                    log(f"ledger {self.path}:{lineno} is unreadable ({e}); ignored")
-                    continue
-                out.append(entry)
-        return out
+        return ledger_entries(self.path)
 
     def find(self, request_id: str) -> dict | None:
         """The entry of `request_id`, if it was carried out."""
@@ -50,7 +33,7 @@ class Ledger:
 
     def forgotten_ids(self) -> set[str]:
         """Every id forgotten by any request in this ledger."""
-        return {i for e in self.entries() for i in e.get("forget_ids", [])}
+        return forgotten_ids(self.path)
 
     def append(self, entry: dict) -> dict:
         """Add one entry (with its time); a request id already present is refused."""

@@ -33,6 +33,7 @@ from cvfm.finetune import recipe as finetune_recipe
 from cvfm.methods.supervised import train_transform
 from cvfm.models.classifier import Classifier, KnnHead
 from cvfm.registry import create_classifier
+from cvfm.runtime.device import default_device
 from cvfm.runtime.files import write_json, write_text
 from cvfm.runtime.progress import log
 from cvfm.runtime.run_dir import RunDir
@@ -252,7 +253,7 @@ def _approximate(cfg, name, original, retain, forget, recipe) -> tuple[Classifie
     if original.frozen:  # the backbone never saw the data: only the head changes
         model.encoder.requires_grad_(False)
     torch.manual_seed(cfg.seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     if device == "cpu":
         share_cores_with_workers(cfg.num_workers)
     logs = run_unlearning(
@@ -298,7 +299,7 @@ def _audit(cfg, recipe, model, original, retain, forget, source, out: Path) -> d
     )
     test = relabel(test, source.classes, what="training data")
     test, forget_test = cfg.request.split_test(test, source)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     common = dict(
         retain=retain,
         forget=forget,
