@@ -19,7 +19,7 @@ import torch
 from cvfm.errors import UsageError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # also the training precisions
 
 
 @functools.cache
@@ -51,15 +51,22 @@ def resolve_precision(name: str, device: torch.device | str) -> torch.dtype | No
             return torch.bfloat16 if bf16_ok else torch.float16
         if name == "bf16" and not bf16_ok:
             raise UsageError("this GPU has no bf16 support: use --precision fp16 or fp32")
-        return _DTYPES[name]
+        return DTYPES[name]
     if device.type == "cpu":
         if name == "auto":
             return torch.bfloat16 if cpu_has_bf16() else None
         if name == "fp16":
             raise UsageError("--precision fp16 needs a GPU: on a CPU use bf16 or fp32")
-        return _DTYPES[name]
+        return DTYPES[name]
     # Other accelerators (mps, xpu, ...): fp32 unless a precision is asked for explicitly.
-    return None if name == "auto" else _DTYPES[name]
+    return None if name == "auto" else DTYPES[name]
+
+
+def training_precision(name: str) -> str:
+    """Accelerate's `mixed_precision` for a training `--precision`: fp32, bf16 or fp16 (no auto)."""
+    if name not in DTYPES:
+        raise UsageError(f"--precision must be one of {', '.join(DTYPES)}, not '{name}'")
+    return "no" if name == "fp32" else name
 
 
 def precision_name(dtype: torch.dtype | None) -> str:
