@@ -44,7 +44,7 @@ DATA = "builtin:animal-captions"
 
 
 def finetune(method: str, out: Path, epochs: int, batch_size: int) -> Path:
-    from cvfm.runtime.trainer import PretrainConfig, pretrain
+    from cvfm.pretrain import PretrainConfig, pretrain
 
     cfg = PretrainConfig(
         data=DATA,

@@ -113,7 +113,7 @@ def versions() -> dict:
 
     import torchvision
 
-    from cvfm.runtime.trainer import versions as cvfm_versions
+    from cvfm.runtime.run_dir import versions as cvfm_versions
 
     try:
         lightly = version("lightly")
@@ -235,7 +235,7 @@ def score(model: str, data: str, test_split: str, seed: int, args) -> dict:
 
 def run_one(spec: dict, data: str, test_split: str, workdir: Path, args) -> dict:
     """Pre-train (unless a baseline) and score one run; returns its record."""
-    from cvfm.runtime.trainer import PretrainConfig, pretrain
+    from cvfm.pretrain import PretrainConfig, pretrain
 
     name, seed = spec["method"], spec["seed"]
     if name in BASELINES:

@@ -19,9 +19,9 @@ from safetensors.torch import load_file
 from cvfm.errors import UsageError
 from cvfm.methods import Budget, build_method, method_class
 from cvfm.methods.blip import TEMP_MAX, TEMP_MIN, itc_loss, itm_loss, mine_hard_negatives, text_ids
+from cvfm.pretrain import PretrainConfig, pretrain
 from cvfm.registry import create_captioner, create_matcher
 from cvfm.runtime.checkpoint import latest_checkpoint
-from cvfm.runtime.trainer import PretrainConfig, pretrain
 
 # ---------------------------------------------------------------------------------------------- ITC
 
@@ -128,7 +128,7 @@ def test_filter_forward_logs_and_temperature_clamp_and_no_decay_on_it():
     assert method_class("blip-filter").model_kind == "matcher" and method.needs_text()
     assert float(method.temp.detach()) == pytest.approx(0.07)
     x = torch.randn(4, 3, 32, 32)
-    loss, logs = method([x], 0, texts=["a red cat", "a blue dog", "a red cat", "a cow in green"])
+    loss, logs = method({"image": [x], "text": ["a red cat", "a blue dog", "a red cat", "a cow in green"]}, 0)
     assert {"itc_loss", "itm_loss", "itm_accuracy", "temp"} <= logs.keys()
     assert float(loss.detach()) == pytest.approx(logs["itc_loss"] + logs["itm_loss"], rel=1e-5)
     loss.backward()
@@ -141,7 +141,7 @@ def test_filter_forward_logs_and_temperature_clamp_and_no_decay_on_it():
     no_decay = method.param_groups()[1]["params"]
     assert any(p is method.temp for p in no_decay)
     with pytest.raises(ValueError, match="captions"):
-        method([x], 0)
+        method({"image": [x]}, 0)
     with pytest.raises(UsageError, match="temp"):
         _filter(temp="0.9")
 
@@ -155,7 +155,7 @@ def test_captioner_sets_label_smoothing_and_masks_the_prompt():
     method = build_method("blip-captioner", captioner, {}, Budget(8, 1, 1, 8))
     assert captioner.model.config.text_config.label_smoothing == 0.1
     assert captioner.model.text_decoder.label_smoothing == 0.1  # the loaded loss is BLIP's too
-    loss, logs = method([x], 0, texts=texts)
+    loss, logs = method({"image": [x], "text": texts}, 0)
     loss = loss.detach()
     # by hand: the same logits, smoothed cross-entropy over the caption tokens (not the prompt's)
     full = [f"a picture of  {t}" for t in texts]
@@ -250,7 +250,7 @@ def test_itm_learns_to_reject_the_mined_wrong_colour_captions(toy_pairs):
     optimizer = torch.optim.AdamW(method.parameters(), lr=1e-3, weight_decay=0.05)
     for step in range(250):
         idx = torch.randperm(len(texts))[:16]
-        loss, logs = method([x[idx]], step, texts=[texts[i] for i in idx])
+        loss, logs = method({"image": [x[idx]], "text": [texts[i] for i in idx]}, step)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

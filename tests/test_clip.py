@@ -22,9 +22,9 @@ from cvfm.data.sources import open_source
 from cvfm.errors import UsageError
 from cvfm.methods import Budget, build_method
 from cvfm.methods.clip import MAX_LOGIT_SCALE, clip_loss
+from cvfm.pretrain import PretrainConfig, pretrain
 from cvfm.registry import create_dual_encoder, create_encoder
 from cvfm.runtime.checkpoint import latest_checkpoint
-from cvfm.runtime.trainer import PretrainConfig, pretrain
 
 # ---------------------------------------------------------------------------------------------- the loss
 
@@ -115,7 +115,7 @@ def test_forward_logs_scale_and_feature_spread_and_needs_tokens():
     tokens = method.encoder.tokenizer(["a red square", "a blue square"])
     with torch.no_grad():
         img, txt = method.encoder.encode_image(x).double(), method.encoder.encode_text(tokens).double()
-    loss, logs = method([x], 0, tokens=tokens)
+    loss, logs = method({"image": [x], "tokens": tokens}, 0)
     assert loss.item() == pytest.approx(
         _clip_loss_by_hand(img.numpy(), txt.numpy(), math.log(1 / 0.07)), rel=1e-5
     )
@@ -126,7 +126,7 @@ def test_forward_logs_scale_and_feature_spread_and_needs_tokens():
         by_hand = float(((unit - unit.mean(0)) ** 2).sum(0).div(len(unit) - 1).sqrt().mean())
         assert logs[key] == pytest.approx(by_hand, rel=1e-5)
     with pytest.raises(ValueError, match="tokens"):
-        method([x], 0)
+        method({"image": [x]}, 0)
 
 
 # ---------------------------------------------------------------------------------------------- training

@@ -20,8 +20,8 @@ from cvfm.errors import CvfmError, UsageError
 from cvfm.eval.knn import knn_predict_scores
 from cvfm.finetune import FinetuneConfig, finetune, fit_frozen_classifier
 from cvfm.models.classifier import Classifier, KnnHead, LinearHead, load_classifier
+from cvfm.pretrain import PretrainConfig, pretrain
 from cvfm.registry import create_classifier, create_encoder
-from cvfm.runtime.trainer import PretrainConfig, pretrain
 from cvfm.unlearn.ledger import Ledger
 
 DIGITS = "builtin:digits"  # its test split: 359 real 8x8 digits, 10 classes

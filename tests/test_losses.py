@@ -300,7 +300,7 @@ def test_dino_freezes_last_layer_for_the_configured_steps():
 
     def grads_after_hook(step):
         method.zero_grad(set_to_none=True)
-        loss, _ = method(_random_views(method), step)
+        loss, _ = method({"image": _random_views(method)}, step)
         loss.backward()
         assert last.grad is not None  # gradients exist before the hook
         method.before_optimizer_step(step)
@@ -323,7 +323,7 @@ def test_dino_forward_returns_finite_loss_and_logs():
         student = _np(method.head(h))  # one head batch: its BatchNorm sees global and local crops
     probs = [_softmax(row / 0.04) for row in teacher]
     entropy = sum(-sum(float(p) * math.log(max(float(p), 1e-12)) for p in row) for row in probs) / len(probs)
-    loss, logs = method(views, 0)
+    loss, logs = method({"image": views}, 0)
     by_hand = _dino_loss_by_hand(student, teacher, np.zeros((1, 64)), 4, 0.1, 0.04)
     assert float(loss) == pytest.approx(by_hand, rel=1e-4)
     assert logs["teacher_temp"] == pytest.approx(0.04)

@@ -20,9 +20,9 @@ from cvfm.errors import CvfmError, UsageError
 from cvfm.models.dual import ImageTower
 from cvfm.models.encoder import TimmEncoder
 from cvfm.models.paired import DualTextTower, HFTextTower, PairedEncoder
+from cvfm.pretrain import PretrainConfig, pretrain
 from cvfm.registry import create_dual_encoder, create_encoder
 from cvfm.runtime.checkpoint import latest_checkpoint
-from cvfm.runtime.trainer import PretrainConfig, pretrain
 
 TEXTS = ["a red square", "the digit seven written in blue", "zebra"]
 

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from cvfm.errors import UsageError
 from cvfm.eval.run import evaluate
+from cvfm.pretrain import PretrainConfig, pretrain
 from cvfm.runtime.checkpoint import latest_checkpoint
-from cvfm.runtime.trainer import PretrainConfig, pretrain
 
 
 @pytest.fixture(autouse=True)

@@ -114,8 +114,8 @@ def pretrain(
     """
     from cvfm.cli.output import emit
     from cvfm.errors import UsageError
-    from cvfm.runtime.trainer import PretrainConfig
-    from cvfm.runtime.trainer import pretrain as run_pretrain
+    from cvfm.pretrain import PretrainConfig
+    from cvfm.pretrain import pretrain as run_pretrain
 
     if not data and not resume:
         raise UsageError("--data is required (unless --resume continues an existing run)")

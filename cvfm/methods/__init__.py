@@ -22,7 +22,7 @@ METHODS: dict[str, tuple[type[Method], type]] = {
 
 
 def method_class(name: str) -> type[Method]:
-    """The class registered as `name` (its `model_kind` and `default_model` steer the trainer)."""
+    """The class registered as `name` (its `model_kind` and `default_model` steer `cvfm pretrain`)."""
     if name not in METHODS:
         raise UsageError(f"unknown method '{name}' (choose from: {', '.join(METHODS)})")
     return METHODS[name][0]

@@ -1,49 +1,49 @@
-"""What every self-supervised method provides to the shared training loop."""
+"""What every method provides to the shared training loop (`cvfm.runtime.protocol.TrainingMethod`)."""
 
 from __future__ import annotations
 
 import abc
 import copy
 import math
-from dataclasses import dataclass, fields
+from collections.abc import Callable
+from dataclasses import fields
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from cvfm.data.loader import collate
 from cvfm.data.views import MultiView
 from cvfm.errors import UsageError
 from cvfm.models.dual import DualEncoder
 from cvfm.models.encoder import Encoder
-
-
-@dataclass
-class Budget:
-    """What a method may size its defaults from: dataset size and the step plan."""
-
-    num_images: int
-    steps_per_epoch: int
-    total_steps: int
-    batch_size: int
+from cvfm.runtime.plan import Budget
 
 
 class Method(nn.Module, abc.ABC):
-    """A backbone plus heads and a loss. `forward(views, step)` returns (loss, logs).
+    """A model plus heads and a loss. `forward(batch, step)` returns (loss, logs).
 
-    `model_kind` names what the trainer builds as `self.encoder` from `--model` and saves as the run's
-    `export_dir`: "image" (an `Encoder`), "dual" (a `DualEncoder`, CLIP), "captioner" or "matcher" (BLIP's
-    `Captioner` / `Matcher`), "classifier" (a `Classifier`: the encoder and a linear head over the data's
-    classes, saved as classifier/). "dual", "captioner" and "matcher" train on image-text pairs
-    (`needs_text`): the trainer opens the data with its text column; for "dual" it tokenizes the texts in
-    the DataLoader and calls `forward(views, step, tokens=...)`, for the BLIP faces (which tokenize
-    themselves) it calls `forward(views, step, texts=[...])` with the raw strings. A method with
-    `needs_labels` gets `forward(views, step, labels=...)` and refuses unlabelled data.
+    `model_kind` names what `cvfm pretrain` builds as `self.encoder` from `--model` and the loop saves as
+    the run's `export_dir`: "image" (an `Encoder`), "dual" (a `DualEncoder`, CLIP), "captioner" or
+    "matcher" (BLIP's `Captioner` / `Matcher`), "classifier" (a `Classifier`: the encoder and a linear head
+    over the data's classes, saved as classifier/). "dual", "captioner" and "matcher" train on image-text
+    pairs (`needs_text`): the data is opened with its text column, and the batch holds the raw strings
+    ("text") and, with the dual encoder's `collate_fn`, their "tokens". A method with `needs_labels` reads
+    the batch's "label" and refuses unlabelled data.
+
+    `frozen_teacher` (None unless given) is a module the method may call but never trains: it is kept out of
+    the module tree (not in `state_dict()`, `parameters()`, checkpoints or the export), in eval mode and
+    without grad; the loop moves it to the device. DINO's EMA `teacher` and BYOL's `target` are not frozen
+    teachers: they move with every step and are checkpointed.
+
+    A new method: copy `simclr.py` (a config dataclass, `views`, `forward`), register it in `METHODS`.
     """
 
     model_kind: str = "image"
     default_model: str = "cvfm/tiny-resnet"  # the registry id used when --model is left out
     export_dir: str = "backbone"  # the run's sub-folder the trained model is saved to
     needs_labels: bool = False
+    summary_keys: tuple[str, ...] = ("feature_std",)  # the epoch means printed in each epoch's summary
 
     # AdamW learning rate at batch size 256, scaled by sqrt(batch / 256): the square-root rule suits Adam
     # (Malladi et al. 2022); linear scaling starves the small batches of CPU runs.
@@ -57,18 +57,28 @@ class Method(nn.Module, abc.ABC):
         """The dual encoder and BLIP's faces train on image-text pairs."""
         return cls.model_kind in ("dual", "captioner", "matcher")
 
-    def __init__(self, encoder: Encoder | DualEncoder, cfg, budget: Budget):
+    def __init__(
+        self, encoder: Encoder | DualEncoder, cfg, budget: Budget, frozen_teacher: nn.Module | None = None
+    ):
         super().__init__()
         self.encoder, self.cfg, self.budget = encoder, cfg, budget
+        self.resolved: dict = {}  # defaults resolved here, recorded in run.json "resolved"
+        if frozen_teacher is not None:
+            frozen_teacher.eval().requires_grad_(False)
+        self.__dict__["frozen_teacher"] = frozen_teacher  # an attribute, not a submodule: see the docstring
 
     @abc.abstractmethod
     def views(self) -> MultiView:
         """The augmentation that turns one image into this method's list of views."""
 
     @abc.abstractmethod
-    def forward(self, views: list[torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """(loss, logs) for one batch of views; text methods also take `tokens` (a dict of tensors, "dual")
-        or `texts` (a list of strings, "captioner" / "matcher")."""
+    def forward(self, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """(loss, logs) for one batch: `batch["image"]` is the list of views, each a (B, C, H, W) tensor;
+        "label", "text" (strings) and "tokens" (the dual encoder's) are there when the data has them."""
+
+    def collate_fn(self) -> Callable[[list], dict]:
+        """How the DataLoader stacks samples into the batch `forward` gets."""
+        return collate
 
     def before_optimizer_step(self, step: int) -> None:
         """Hook after gradients exist, before the update (DINO freezes its last layer here)."""
@@ -97,6 +107,14 @@ class Method(nn.Module, abc.ABC):
             {"params": decay, "apply_wd": True},
             {"params": no_decay, "weight_decay": 0.0, "apply_wd": False},
         ]
+
+
+def need(batch: dict, key: str, message: str):
+    """`batch[key]`, or a ValueError: `message` says what the method needs it for."""
+    value = batch.get(key)
+    if value is None:
+        raise ValueError(f"{message} (batch[{key!r}])")
+    return value
 
 
 def configure(config_cls, options: dict):

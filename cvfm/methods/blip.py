@@ -52,7 +52,7 @@ from torch import nn
 
 from cvfm.data.views import MultiView
 from cvfm.errors import UsageError
-from cvfm.methods.base import Method, gather_with_grad
+from cvfm.methods.base import Method, gather_with_grad, need
 from cvfm.methods.clip import light_view
 
 BLIP_PROMPT = "a picture of "  # BLIP's captioning prompt (configs/caption_coco.yaml)
@@ -148,12 +148,13 @@ def itm_loss(logits: torch.Tensor, num_pos: int) -> tuple[torch.Tensor, float]:
 
 
 class BLIPCaptioner(Method):
-    """`self.encoder` is a `Captioner`; `forward(views, step, texts)` is its LM loss on the captions."""
+    """`self.encoder` is a `Captioner`; `forward` is its LM loss on the batch's captions (raw strings)."""
 
     model_kind = "captioner"
     default_model = "cvfm/tiny-blip"
     base_lr = 2e-3  # at batch 256; BLIP's 1e-5 is for a pretrained ViT-B (module docstring)
     weight_decay = (0.05, 0.05)  # BLIP's fine-tuning configs
+    summary_keys = ()
 
     def __init__(self, encoder, cfg, budget):
         super().__init__(encoder, cfg, budget)
@@ -164,20 +165,20 @@ class BLIPCaptioner(Method):
     def views(self) -> MultiView:
         return MultiView([light_view(self.encoder.preprocess, self.cfg.min_scale)])
 
-    def forward(self, views, step, texts=None):
-        if texts is None:
-            raise ValueError("the BLIP captioner needs the batch's captions: forward(views, step, texts=...)")
-        loss = self.encoder.loss(views[0], list(texts), prompt=self.cfg.prompt or None)
+    def forward(self, batch, step):
+        texts = need(batch, "text", "the BLIP captioner needs the batch's captions")
+        loss = self.encoder.loss(batch["image"][0], list(texts), prompt=self.cfg.prompt or None)
         return loss, {"lm_loss": float(loss.detach())}
 
 
 class BLIPFilter(Method):
-    """`self.encoder` is a `Matcher`; `forward(views, step, texts)` is ITC + ITM with hard negatives."""
+    """`self.encoder` is a `Matcher`; `forward` is ITC + ITM with hard negatives on the batch's captions."""
 
     model_kind = "matcher"
     default_model = "cvfm/tiny-blip"
     base_lr = 2e-3
     weight_decay = (0.05, 0.05)
+    summary_keys = ("itm_accuracy",)
 
     def __init__(self, encoder, cfg, budget):
         super().__init__(encoder, cfg, budget)
@@ -188,10 +189,9 @@ class BLIPFilter(Method):
     def views(self) -> MultiView:
         return MultiView([light_view(self.encoder.preprocess, self.cfg.min_scale)])
 
-    def forward(self, views, step, texts=None):
-        if texts is None:
-            raise ValueError("the BLIP filter needs the batch's captions (forward(views, step, texts=...))")
-        matcher, pixels = self.encoder, views[0]
+    def forward(self, batch, step):
+        texts = need(batch, "text", "the BLIP filter needs the batch's captions")
+        matcher, pixels = self.encoder, batch["image"][0]
         tokens = matcher.tokenize(list(texts), pixels.device)
         image_tokens, image_feat = matcher.image_embeddings(pixels)
         text_feat = matcher.text_embeddings(tokens)

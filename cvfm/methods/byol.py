@@ -41,8 +41,8 @@ class BYOL(Method):
     def views(self) -> MultiView:
         return two_views(self.encoder.preprocess, min_scale=self.cfg.min_scale, asymmetric=True)
 
-    def forward(self, views, step):
-        x = torch.cat(views[:2])
+    def forward(self, batch, step):
+        x = torch.cat(batch["image"][:2])
         h = self.encoder(x)
         p1, p2 = self.predictor(self.projector(h)).chunk(2)
         with torch.no_grad():

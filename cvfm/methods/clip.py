@@ -16,6 +16,7 @@ a linear projection onto the text embedding space and its own logit scale).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -24,8 +25,9 @@ import torch.nn.functional as F
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
+from cvfm.data.loader import collate
 from cvfm.data.views import MultiView, Preprocess
-from cvfm.methods.base import Method, feature_std, gather_with_grad
+from cvfm.methods.base import Method, feature_std, gather_with_grad, need
 
 MAX_LOGIT_SCALE = math.log(100)  # open_clip: logit_scale.clamp_(0, math.log(100))
 
@@ -76,8 +78,8 @@ def light_view(pre: Preprocess, min_scale: float) -> T.Compose:
 
 
 class CLIP(Method):
-    """`self.encoder` is a `DualEncoder` (a `PairedEncoder` too); `forward(views, step, tokens)` takes the
-    batch's tokenized texts."""
+    """`self.encoder` is a `DualEncoder` (a `PairedEncoder` too); `forward` takes the batch's views and its
+    texts, tokenized by `collate_fn`."""
 
     model_kind = "dual"
     default_model = "cvfm/tiny-clip"
@@ -86,14 +88,18 @@ class CLIP(Method):
     base_lr = 2e-3
     weight_decay = (0.2, 0.2)  # CLIP paper and open_clip
     adam_betas = (0.9, 0.98)  # CLIP paper / open_clip, for stability of the contrastive ViT
+    summary_keys = ("feature_std", "logit_scale")
 
     def views(self) -> MultiView:
         return MultiView([light_view(self.encoder.preprocess, self.cfg.min_scale)])
 
-    def forward(self, views, step, tokens=None):
-        if tokens is None:
-            raise ValueError("CLIP needs the batch's text tokens (forward(views, step, tokens=...))")
-        img = self.encoder.encode_image(views[0])
+    def collate_fn(self):
+        """Tokenize the batch's texts in the DataLoader (its workers), into batch["tokens"]."""
+        return functools.partial(collate, tokenizer=self.encoder.tokenizer)
+
+    def forward(self, batch, step):
+        tokens = need(batch, "tokens", "CLIP needs the batch's text tokens")
+        img = self.encoder.encode_image(batch["image"][0])
         txt = self.encoder.encode_text(tokens)
         scale = self.encoder.logit_scale
         loss = clip_loss(img, txt, scale)

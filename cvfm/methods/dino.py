@@ -146,6 +146,7 @@ class DINO(Method):
     base_lr = 2e-3
     weight_decay = (0.04, 0.4)
     clip_grad = 3.0
+    summary_keys = ("feature_std", "teacher_entropy")
 
     def __init__(self, encoder, cfg: DINOConfig, budget: Budget):
         cfg.resolve(encoder, budget)
@@ -186,7 +187,8 @@ class DINO(Method):
             local_scale=tuple(c.local_scale),
         )
 
-    def forward(self, views, step):
+    def forward(self, batch, step):
+        views = batch["image"]
         step = min(step, len(self.teacher_temps) - 1)
         globals_ = torch.cat(views[:2])
         with torch.no_grad():

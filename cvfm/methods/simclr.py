@@ -51,8 +51,8 @@ class SimCLR(Method):
     def views(self) -> MultiView:
         return two_views(self.encoder.preprocess, min_scale=self.cfg.min_scale)
 
-    def forward(self, views, step):
-        h = self.encoder(torch.cat(views[:2]))
+    def forward(self, batch, step):
+        h = self.encoder(torch.cat(batch["image"][:2]))
         z1, z2 = self.projector(h).chunk(2)
         loss = nt_xent(z1, z2, self.cfg.temperature)
         return loss, {"feature_std": feature_std(h)}

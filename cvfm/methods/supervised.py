@@ -18,7 +18,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
 from cvfm.data.views import MultiView, Preprocess
-from cvfm.methods.base import Method
+from cvfm.methods.base import Method, need
 
 
 @dataclass
@@ -52,12 +52,13 @@ def train_transform(preprocess: Preprocess, augment: bool, min_scale: float = 0.
 
 
 class Supervised(Method):
-    """`self.encoder` is a `Classifier`; `forward(views, step, labels)` is its cross-entropy."""
+    """`self.encoder` is a `Classifier`; `forward` is its cross-entropy on the batch's labels."""
 
     model_kind = "classifier"
     export_dir = "classifier"
     needs_labels = True
     base_lr = 0.1  # at batch 256, SGD (Jia et al. 2023 / SalUn)
+    summary_keys = ("accuracy",)
 
     def __init__(self, encoder, cfg: SupervisedConfig, budget):
         super().__init__(encoder, cfg, budget)
@@ -66,12 +67,9 @@ class Supervised(Method):
     def views(self) -> MultiView:
         return MultiView([train_transform(self.encoder.preprocess, self.cfg.augment, self.cfg.min_scale)])
 
-    def forward(self, views, step, labels=None):
-        if labels is None:
-            raise ValueError(
-                "supervised training needs the batch's labels (forward(views, step, labels=...))"
-            )
-        logits = self.encoder(views[0])
+    def forward(self, batch, step):
+        labels = need(batch, "label", "supervised training needs the batch's labels")
+        logits = self.encoder(batch["image"][0])
         loss = F.cross_entropy(logits, labels, label_smoothing=self.cfg.label_smoothing)
         accuracy = float((logits.detach().argmax(1) == labels).float().mean())
         return loss, {"accuracy": accuracy}

@@ -7,10 +7,12 @@ An existing non-empty folder is refused unless the caller asks to overwrite or t
 from __future__ import annotations
 
 import json
+import platform
 import shutil
 import time
 from pathlib import Path
 
+import cvfm
 from cvfm.data.digest import DIGEST_FILE, Entry, digest_file, digest_items, parse_digest
 from cvfm.data.sources import ImageSource
 from cvfm.errors import UsageError
@@ -86,3 +88,20 @@ class RunDir:
         data_items.jsonl is missing or is not the file run.json describes."""
         record = self.read().get("data_digest")
         return None if record is None else parse_digest(self.path / DIGEST_FILE, record)
+
+
+def versions() -> dict:
+    """Library versions recorded in run.json."""
+    import accelerate
+    import timm
+    import torch
+    import transformers
+
+    return {
+        "cvfm": cvfm.__version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__,
+        "python": platform.python_version(),
+    }

@@ -33,12 +33,12 @@ from cvfm.finetune import recipe as finetune_recipe
 from cvfm.methods.supervised import train_transform
 from cvfm.models.classifier import Classifier, KnnHead
 from cvfm.registry import create_classifier
+from cvfm.runtime.accelerator import cpu_processes
 from cvfm.runtime.device import default_device
-from cvfm.runtime.files import write_json, write_text
+from cvfm.runtime.files import save_atomically, write_json, write_text
 from cvfm.runtime.progress import log
 from cvfm.runtime.run_dir import RunDir
 from cvfm.runtime.threads import share_cores_with_workers
-from cvfm.runtime.trainer import cpu_processes, save_atomically
 from cvfm.unlearn.guarantee import EXACT_METHODS, Guarantee, judge
 from cvfm.unlearn.ledger import Ledger, model_digest
 from cvfm.unlearn.request import ForgetRequest, default_request_id

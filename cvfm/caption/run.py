@@ -1,48 +1,23 @@
-"""`caption(...)`: the library call behind `cvfm caption` (BLIP captions for every image of a source).
-
-Images stream through a DataLoader (decoded in worker processes) in a fixed grid of batches: batch k
-holds source rows [k * batch_size, (k + 1) * batch_size). Each batch's sampling randomness is seeded by
-(seed, k), so a caption depends only on the settings, never on where a run was interrupted.
-
-Output: one JSON line per image, `{"id", "image", "caption"}` (`"captions": [...]` with
-`num_captions > 1`), in source order, to stdout (`"-"`) or a file. From stdin to stdout the lines are
-followed as they arrive (`follow_stdin`), in whole batches of the same grid. A file output is resumable:
-
-    out.jsonl            the captions, appended batch by batch (flushed and fsynced after each batch)
-    out.jsonl.json       the settings it was produced with (written first, atomically)
-    out.jsonl.rejects    one JSON line per unreadable image `{"id", "image", "reason"}` (when any)
-
-A rerun with the same settings drops a truncated last line (a kill in mid-write), keeps every complete
-line and computes only the batches that still miss an id (captions or rejects), writing just the missing
-rows, so the final file equals an uninterrupted run's. Other settings are a usage error unless
-`overwrite=True`; a file without its settings sidecar is never overwritten silently.
-"""
+"""`caption(...)`: the library call behind `cvfm caption` (see the package docstring)."""
 
 from __future__ import annotations
 
-import json
-import os
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 import cvfm
+from cvfm.caption.grid import GridBatches, batch_seed, todo_batches
+from cvfm.caption.output import CaptionFile, record, reject, stdout_writer
 from cvfm.data.loader import ImageDataset, SkipLog, collate
 from cvfm.data.sources import ImageSource, follow_stdin, open_source
 from cvfm.embed.run import rows_digest
 from cvfm.errors import UsageError
 from cvfm.runtime.device import default_device
-from cvfm.runtime.files import write_json
 from cvfm.runtime.precision import autocast, precision_name, resolve_precision
 from cvfm.runtime.progress import log, progress
-from cvfm.runtime.settings import check_same_settings, read_settings
 from cvfm.runtime.threads import share_cores_with_workers
-
-SETTINGS_SUFFIX = ".json"
-REJECTS_SUFFIX = ".rejects"
-UNCOMPARED = ("cvfm_version",)
 
 
 def caption(
@@ -110,7 +85,7 @@ def caption(
         done = output.open(overwrite)
         earlier_rejects = [{"where": r["image"], "reason": r["reason"]} for r in output.rejects]
     already = len(done) - len(earlier_rejects)
-    batches = None if follow else len(_todo(source, batch_size, done))  # unknown for a pipe
+    batches = None if follow else len(todo_batches(source, batch_size, done))  # unknown for a pipe
     if follow:
         log(f"caption: reading standard input, batches of {batch_size}")
     else:
@@ -133,7 +108,7 @@ def caption(
         "min_length": min_length,
         "repetition_penalty": repetition_penalty,
     }
-    write = output.write if output is not None else _stdout_writer()
+    write = output.write if output is not None else stdout_writer()
     # Standard input comes in chunks of whole batches of the grid, the data's other sources in one.
     chunks = follow_stdin(batch_size, split=split, strict=strict) if follow else [source]
     try:
@@ -142,7 +117,7 @@ def caption(
                 skips.add_entries(chunk.skipped)
                 for s in chunk.skipped:
                     log(f"caption: skipped {s['where']}: {s['reason']}")
-                todo = _todo(chunk, batch_size, done)
+                todo = todo_batches(chunk, batch_size, done)
                 loader = DataLoader(
                     ImageDataset(chunk, captioner.preprocess.transform()),
                     batch_sampler=GridBatches(todo, batch_size, len(chunk)),
@@ -152,7 +127,7 @@ def caption(
                 )
                 for k, batch in zip(todo, loader, strict=True):
                     skips.add(batch["skipped"])  # raises with --strict
-                    rejects = [_reject(chunk, s.index, s.reason) for s in batch["skipped"]]
+                    rejects = [reject(chunk, s.index, s.reason) for s in batch["skipped"]]
                     for r in rejects:
                         log(f"caption: skipped {r['image']}: {r['reason']}")
                     rows = []
@@ -162,7 +137,7 @@ def caption(
                             with torch.inference_mode(), autocast(dev, amp):
                                 texts = captioner.generate(batch["image"].to(dev), **kwargs)
                         for i, caps in zip(batch["index"].tolist(), texts, strict=True):
-                            rows.append(_record(chunk, i, caps, num_captions))
+                            rows.append(record(chunk, i, caps, num_captions))
                     written += write([r for r in rows if r["id"] not in done], rejects, done)
                     advance()
                     if on_batch is not None:
@@ -186,145 +161,6 @@ def caption(
     }
     log(f"caption: {written} images captioned, {already} already done, {len(summary['skipped'])} skipped")
     return summary
-
-
-def _todo(source: ImageSource, batch_size: int, done: set[str]) -> list[int]:
-    """The batches of the grid over `source` that still hold an image not done."""
-    return [
-        k
-        for k in range(-(-len(source) // batch_size))
-        if any(it.id not in done for it in source.items[k * batch_size : (k + 1) * batch_size])
-    ]
-
-
-def batch_seed(seed: int, k: int) -> int:
-    """The torch seed of batch k (sampling): a function of the run's seed and the batch's position."""
-    return (seed * 1_000_003 + k) % (2**63)
-
-
-class GridBatches(Sampler[list[int]]):
-    """The source rows of the listed batches of a fixed grid of `batch_size` rows."""
-
-    def __init__(self, batches: list[int], batch_size: int, n: int):
-        self.batches, self.batch_size, self.n = batches, batch_size, n
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for k in self.batches:
-            yield list(range(k * self.batch_size, min(self.n, (k + 1) * self.batch_size)))
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-
-class CaptionFile:
-    """A caption file `path`, its settings sidecar and its rejects file (see the module docstring)."""
-
-    def __init__(self, path: str | Path, settings: dict):
-        self.path = Path(path)
-        self.settings_path = Path(f"{path}{SETTINGS_SUFFIX}")
-        self.rejects_path = Path(f"{path}{REJECTS_SUFFIX}")
-        self.settings = settings
-        self.rejects: list[dict] = []  # those found by earlier runs (on resume)
-
-    def open(self, overwrite: bool) -> set[str]:
-        """Check what is there and make the files ready to append; return the ids already done."""
-        if self.path.is_dir():
-            raise UsageError(
-                f"output '{self.path}' is a folder: captions go to a .jsonl file (or - for stdout)"
-            )
-        if self.path.exists() and self.path.stat().st_size > 0 and not overwrite:
-            saved = read_settings(self.settings_path)
-            if saved is None:
-                raise UsageError(
-                    f"output '{self.path}' exists and was not written by cvfm caption (no "
-                    f"{self.settings_path.name}): use --overwrite to replace it"
-                )
-            check_same_settings(
-                saved,
-                self.settings,
-                f"output '{self.path}' holds captions made with other settings",
-                "use the same settings to resume, --overwrite to replace it, or another -o",
-                ignore=UNCOMPARED,
-            )
-            return self._resume()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(self.settings_path, self.settings)
-        self.path.write_text("", encoding="utf-8")
-        self.rejects_path.unlink(missing_ok=True)
-        return set()
-
-    def _resume(self) -> set[str]:
-        done = {r["id"] for r in self._repair(self.path)}
-        if self.rejects_path.exists():
-            self.rejects = self._repair(self.rejects_path)
-        return done | {r["id"] for r in self.rejects}
-
-    @staticmethod
-    def _repair(path: Path) -> list[dict]:
-        """The complete records of a JSON-lines file; a truncated or unreadable tail is cut off."""
-        data = path.read_bytes()
-        records, keep = [], 0
-        for line in data.splitlines(keepends=True):
-            if not line.endswith(b"\n"):
-                break
-            try:
-                record = json.loads(line)
-            except ValueError:
-                break
-            if not isinstance(record, dict) or "id" not in record:
-                break
-            records.append(record)
-            keep += len(line)
-        if keep < len(data):
-            log(f"caption: dropping {len(data) - keep} bytes of an incomplete last line of '{path}'")
-            with open(path, "r+b") as f:
-                f.truncate(keep)
-        return records
-
-    def write(self, rows: list[dict], rejects: list[dict], done: set[str]) -> int:
-        """Append this batch's rejects then its captions (each file flushed and fsynced)."""
-        new_rejects = [r for r in rejects if r["id"] not in done]
-        if new_rejects:
-            _append(self.rejects_path, new_rejects)
-        if rows:
-            _append(self.path, rows)
-        done.update(r["id"] for r in [*rows, *new_rejects])
-        return len(rows)
-
-
-def _append(path: Path, records: list[dict]) -> None:
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _stdout_writer() -> Callable[[list[dict], list[dict], set[str]], int]:
-    import sys
-
-    def write(rows: list[dict], rejects: list[dict], done: set[str]) -> int:
-        for r in rows:
-            sys.stdout.write(json.dumps(r, ensure_ascii=False) + "\n")
-        sys.stdout.flush()
-        return len(rows)
-
-    return write
-
-
-def _record(source: ImageSource, i: int, caps: list[str], num_captions: int) -> dict:
-    item = source.items[i]
-    record = {"id": item.id, "image": item.ref if isinstance(item.ref, str) else item.id}
-    if num_captions == 1:
-        record["caption"] = caps[0]
-    else:
-        record["captions"] = list(caps)
-    return record
-
-
-def _reject(source: ImageSource, i: int, reason: str) -> dict:
-    item = source.items[i]
-    return {"id": item.id, "image": item.ref if isinstance(item.ref, str) else item.id, "reason": reason}
 
 
 def _check_unique_ids(source: ImageSource) -> None:

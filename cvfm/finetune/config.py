@@ -1,0 +1,83 @@
+"""`cvfm finetune`'s configuration, as run.json["finetune"] keeps it: `finetune(FinetuneConfig(**recipe))`
+with another output (and exclusions) reruns the same recipe (`cvfm unlearn --method retrain`)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from cvfm.errors import UsageError
+from cvfm.runtime.precision import training_precision
+from cvfm.runtime.run_dir import RunDir
+
+HEADS = ("linear", "knn")
+
+
+@dataclass
+class FinetuneConfig:
+    data: str
+    output: str
+    model: str = "cvfm/tiny-resnet"
+    pretrained: bool = False  # the registry's pretrained weights; a folder's own weights are always loaded
+    split: str | None = "train"
+    image_column: str = "image"
+    label_column: str | None = None
+    head: str = "linear"  # "linear" | "knn" (knn implies freeze)
+    freeze: bool = False  # frozen backbone: features once (eval transform), head fitted on them
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float | None = None  # full: 0.1 x batch / 256 (SGD); frozen linear: the probe's sweep
+    weight_decay: float = 5e-4  # Jia et al. 2023 / SalUn
+    augment: bool = True  # full fine-tuning: RandomResizedCrop(0.8, 1) + flip
+    precision: str = "fp32"
+    seed: int = 0
+    num_workers: int | None = 2  # None: 2, or on resume the run's own
+    k: int = 20  # k-NN head: DINO's k-NN evaluation
+    temperature: float = 0.07
+    exclude: str | None = None  # a file of ids (text: one per line; JSONL: "id" field) left out of training
+    ledger: str | None = None  # ids forgotten in this ledger are left out too
+    overwrite: bool = False
+    resume: bool = False
+    strict: bool = False
+
+    @property
+    def frozen(self) -> bool:
+        return self.freeze or self.head == "knn"
+
+    @property
+    def load_weights(self) -> bool:
+        """Start from trained weights: the registry's when asked, a folder's (a pre-training run) always."""
+        return self.pretrained or Path(self.model).is_dir()
+
+
+def recipe(cfg: FinetuneConfig) -> dict:
+    """The config as run.json stores it: rerunnable as is (no overwrite / resume flags)."""
+    return asdict(replace(cfg, overwrite=False, resume=False))
+
+
+def saved_config(cfg: FinetuneConfig) -> FinetuneConfig:
+    saved = RunDir(cfg.output, resume=True).read()
+    if "finetune" not in saved:
+        raise UsageError(
+            f"cannot resume: '{cfg.output}' is not a cvfm finetune run (no \"finetune\" in run.json)"
+        )
+    workers = saved["finetune"]["num_workers"] if cfg.num_workers is None else cfg.num_workers
+    resumed = FinetuneConfig(
+        **{**saved["finetune"], "output": cfg.output, "resume": True, "num_workers": workers}
+    )
+    if resumed.frozen:
+        raise UsageError(
+            f"'{cfg.output}' is a frozen-backbone run: it has no checkpoints to resume; "
+            "rerun it with --overwrite"
+        )
+    return resumed
+
+
+def check(cfg: FinetuneConfig) -> None:
+    if cfg.head not in HEADS:
+        raise UsageError(f"--head must be linear or knn, not '{cfg.head}'")
+    training_precision(cfg.precision)  # refuses an unknown one
+    if not cfg.data:
+        raise UsageError("--data is required (unless --resume continues an existing run)")
+    if cfg.head == "knn" and cfg.k < 1:
+        raise UsageError(f"--k must be at least 1, got {cfg.k}")
