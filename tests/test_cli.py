@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CLASSES = ("zero", "one", "two", "three")  # digits 0-3; a folder source numbers its classes in sorted order
 LABELS = {name: i for i, name in enumerate(sorted(CLASSES))}
+LR_HELP = "Peak learning rate (default: method's base lr x sqrt(batch / 256); supervised: 0.1 x batch / 256)."
 
 
 def _subprocess(*args, timeout=120) -> Result:
@@ -104,6 +105,28 @@ def test_subcommand_help_has_examples(cli, command):
     assert r.code == 0, r.err
     assert "Examples" in r.out
     assert "cvfm " + command[0] in r.out  # the examples are runnable command lines
+
+
+def test_help_through_a_pipe_keeps_its_lines():
+    """Piped (a CI log, `| less`), help is not folded at 80 columns."""
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "TERMINAL_WIDTH")}
+    command = [sys.executable, "-m", "cvfm", "pretrain", "--help"]
+    piped = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
+    assert piped.returncode == 0, piped.stderr
+    lines = piped.stdout.splitlines()
+    assert any(LR_HELP in line for line in lines)
+    docstring = "Ctrl-C or SIGTERM writes a checkpoint first. --resume continues from the last whole"
+    assert any(docstring in line for line in lines)
+
+
+def test_help_obeys_columns(cli, monkeypatch):
+    from typer import rich_utils
+
+    monkeypatch.setattr(rich_utils, "MAX_WIDTH", None)  # as a fresh process has it
+    monkeypatch.setenv("COLUMNS", "80")
+    r = cli("pretrain", "--help")
+    assert r.code == 0 and max(len(line) for line in r.out.splitlines()) == 80
+    assert not any(LR_HELP in line for line in r.out.splitlines())
 
 
 def test_models_json_lines(cli):
