@@ -537,6 +537,39 @@ def test_pretrain_runtime_flags_and_resume_from_the_cli(cli, digit_folder, tmp_p
     assert r.code == 2 and "--data is required" in r.err
 
 
+# Each command that loads a model, the library function it hands the choice to, and its default.
+WEIGHT_CHOICE = [
+    (("pretrain", "--data", "d", "-o", "r"), "cvfm.runtime.trainer.pretrain", False),
+    (("finetune", "--data", "d", "-o", "r"), "cvfm.finetune.finetune", False),
+    (("embed", "m", "--data", "d", "-o", "e"), "cvfm.embed.embed", True),
+    (("evaluate", "knn", "m", "--data", "d"), "cvfm.eval.run.evaluate", True),
+    (("evaluate", "linear", "m", "--data", "d"), "cvfm.eval.run.evaluate", True),
+    (("evaluate", "zeroshot", "m", "--data", "d"), "cvfm.eval.vl_run.evaluate_zeroshot", True),
+    (("evaluate", "retrieval", "m", "--data", "d"), "cvfm.eval.vl_run.evaluate_retrieval", True),
+    (("caption", "m", "--data", "d"), "cvfm.caption.caption", True),
+    (("capfilt", "--in", "p.jsonl", "--out", "o.jsonl"), "cvfm.capfilt.capfilt", True),
+]
+
+
+@pytest.mark.parametrize(
+    "args, function, default",
+    WEIGHT_CHOICE,
+    ids=[" ".join(args[: 2 if args[0] == "evaluate" else 1]) for args, _, _ in WEIGHT_CHOICE],
+)
+def test_every_command_takes_pretrained_or_random_init(cli, monkeypatch, args, function, default):
+    """The same two words everywhere; each command keeps its default, and the choice reaches the library."""
+    seen = []
+
+    def library(*a, **kw):
+        seen.append(kw["pretrained"] if "pretrained" in kw else a[0].pretrained)  # a keyword or a config
+        raise cvfm.UsageError("stopped by the test")
+
+    monkeypatch.setattr(function, library)
+    for flag in ((), ("--pretrained",), ("--random-init",)):
+        assert_usage_error(cli(*args, *flag), "stopped by the test")
+    assert seen == [default, True, False]
+
+
 def test_pretrained_flag_needs_cached_weights(cli, digit_folder, tmp_path, empty_hf_cache):
     r = cli(
         "pretrain", "--data", digit_folder, "--model", "timm/resnet18", "--pretrained", "-o", tmp_path / "r"

@@ -43,7 +43,7 @@ def capfilt(
     precision: str = typer.Option("auto", "--precision", help="auto|fp32|bf16|fp16."),
     text_column: str = typer.Option("text", "--text-column", help="Field of the web caption."),
     image_column: str = typer.Option("image", "--image-column", help="Field of the image path."),
-    random_init: bool = typer.Option(False, "--random-init", help="Ignore pretrained weights."),
+    pretrained: bool = common.pretrained_option(True),
     trust_remote_code: bool = common.TrustRemoteCode,
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace an output written with other settings (or not by capfilt)."
@@ -91,7 +91,7 @@ def capfilt(
         text_column=text_column,
         image_column=image_column,
         overwrite=overwrite,
-        pretrained=not random_init,
+        pretrained=pretrained,
         trust_remote_code=trust_remote_code,
     )
     log(format_summary(summary))

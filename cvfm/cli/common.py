@@ -24,6 +24,17 @@ RunWorkers = typer.Option(
     help="DataLoader worker processes for decoding (default 2; with --resume, the run's). A resumed run "
     "keeps the CPU thread count it started with, so its result does not depend on this.",
 )
+
+
+def pretrained_option(default: bool, note: str = ""):
+    """The --pretrained/--random-init choice, defaulting to `default` (each command keeps its own)."""
+    return typer.Option(
+        default,
+        "--pretrained/--random-init",
+        help="Load the model's pretrained weights, or initialise it at random (a baseline)." + note,
+    )
+
+
 TrustRemoteCode = typer.Option(
     False, "--trust-remote-code", help="Allow transformers to run a hub repo's code."
 )

@@ -29,11 +29,7 @@ def finetune(
         "--model",
         help="Registry id or folder of the backbone (e.g. timm/resnet18, runs/dino).",
     ),
-    pretrained: bool = typer.Option(
-        False,
-        "--pretrained",
-        help="Start from the registry's pretrained weights (a folder's are always used).",
-    ),
+    pretrained: bool = common.pretrained_option(False, " A folder's own weights are always used."),
     freeze: bool = typer.Option(
         False, "--freeze", help="Keep the backbone frozen: fit only the head on its features."
     ),

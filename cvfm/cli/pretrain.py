@@ -33,9 +33,7 @@ def pretrain(
         help="clip: an image-text model whose text tower is trained with the --model image encoder "
         "(a linear projection joins them), e.g. cvfm/tiny-clip.",
     ),
-    pretrained: bool = typer.Option(
-        False, "--pretrained", help="Start from the registry's pretrained weights."
-    ),
+    pretrained: bool = common.pretrained_option(False, " blip-* always start from the model's weights."),
     split: str = typer.Option(None, "--split", help="Split of the data to train on (e.g. train)."),
     epochs: int = typer.Option(10, "--epochs", min=1),
     batch_size: int = typer.Option(64, "--batch-size", "-b", min=2, help="Per process."),
