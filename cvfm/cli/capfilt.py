@@ -8,13 +8,17 @@ from cvfm.cli import common
 
 
 def capfilt(
-    inp: str = typer.Option(
+    data: str = typer.Option(
         ...,
         "--in",
         "-i",
+        "--data",
+        "-d",
         help='JSONL of pairs {"id"?, "image", "text"} (paths relative to it), or - for stdin.',
     ),
-    out: str = typer.Option(..., "--out", "-o", help="Output .jsonl file (resumable), or - for stdout."),
+    output: str = typer.Option(
+        ..., "--out", "-o", "--output", help="Output .jsonl file (resumable), or - for stdout."
+    ),
     rejects: str = typer.Option(
         None,
         "--rejects",
@@ -73,8 +77,8 @@ def capfilt(
     from cvfm.runtime.progress import log
 
     summary = run_capfilt(
-        inp,
-        out,
+        data,
+        output,
         captioner=captioner,
         matcher=matcher,
         rejects=rejects,
@@ -95,7 +99,7 @@ def capfilt(
         trust_remote_code=trust_remote_code,
     )
     log(format_summary(summary))
-    if out != "-":
+    if output != "-":
         from cvfm.cli.app import emit
 
         emit(summary)
