@@ -107,6 +107,46 @@ def test_subcommand_help_has_examples(cli, command):
     assert "cvfm " + command[0] in r.out  # the examples are runnable command lines
 
 
+def _help_examples():
+    """(command path, argument list) of every `cvfm ...` line under "Examples:" of every command's help."""
+    import shlex
+
+    import typer
+
+    from cvfm.cli.app import app
+
+    def walk(command, path):
+        yield path, command
+        for name, sub in getattr(command, "commands", {}).items():
+            yield from walk(sub, (*path, name))
+
+    for path, command in walk(typer.main.get_command(app), ()):
+        examples = (command.help or "").partition("Examples:")[2].replace("\\\n", " ")
+        for part in (p for line in examples.splitlines() for p in line.split("|")):
+            words = shlex.split(part)
+            if "cvfm" in words:  # also `accelerate launch -m cvfm ...` and the cvfm stage of a pipe
+                yield path, words[words.index("cvfm") + 1 :]
+
+
+def test_every_help_example_parses():
+    """The examples in --help name options that exist, with values of the right types."""
+    import typer
+
+    from cvfm.cli.app import app
+
+    checked, bad = 0, []
+    for path, args in _help_examples():
+        command, rest = typer.main.get_command(app), list(args)
+        while rest and rest[0] in getattr(command, "commands", {}):
+            command = command.commands[rest.pop(0)]
+        try:
+            command.make_context("cvfm", rest)
+        except Exception as e:  # typer's click: a usage error (unknown option, bad value, missing argument)
+            bad.append((" ".join(path), " ".join(args), str(e)))
+        checked += 1
+    assert checked >= 40 and not bad, bad
+
+
 def test_help_through_a_pipe_keeps_its_lines():
     """Piped (a CI log, `| less`), help is not folded at 80 columns."""
     env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "TERMINAL_WIDTH")}
