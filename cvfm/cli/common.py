@@ -35,6 +35,17 @@ def pretrained_option(default: bool, note: str = ""):
     )
 
 
+RunOutput = typer.Option(..., "--output", "-o", help="Run folder (refused if it exists, see --overwrite).")
+RunOverwrite = typer.Option(False, "--overwrite", help="Replace an existing run folder.")
+Exclude = typer.Option(
+    None,
+    "--exclude",
+    help='A file of ids left out of training: one per line, or a .jsonl file with an "id" per line '
+    "('-' reads standard input).",
+)
+Ledger = typer.Option(
+    None, "--ledger", help="A deletion ledger (cvfm unlearn): the ids it has forgotten are left out too."
+)
 TrustRemoteCode = typer.Option(
     False, "--trust-remote-code", help="Allow transformers to run a hub repo's code."
 )
