@@ -57,7 +57,7 @@ def test_panels_group_train_and_epoch_and_drop_constants_and_bookkeeping():
     ]
 
 
-def test_one_epoch_losses_share_a_panel_without_copies_and_a_flat_monitor_stays():
+def test_one_epoch_losses_and_spreads_share_panels_without_copies_and_a_flat_monitor_stays():
     records = [
         {
             "step": s,
@@ -65,6 +65,8 @@ def test_one_epoch_losses_share_a_panel_without_copies_and_a_flat_monitor_stays(
             "train/lm_loss": 1.0 / s,
             "train/itm_loss": 2.0 / s,
             "train/wd": 0.1,
+            "train/feature_std": 0.1 * s,
+            "train/text_feature_std": 0.2 * s,
         }
         for s in (1, 2, 3)
     ]
@@ -73,10 +75,12 @@ def test_one_epoch_losses_share_a_panel_without_copies_and_a_flat_monitor_stays(
     )
     records += [{"step": 0, "monitor/top1": 0.25}, {"step": 3, "monitor/top1": 0.25}]
     # lm_loss is the loss itself (BLIP's captioner): drawn once; one epoch's mean is a point beside its
-    # steps, but a weight decay that never changed has no panel in either phase.
+    # steps, but a weight decay that never changed has no panel in either phase; CLIP's two towers'
+    # feature spreads share a panel.
     assert curve_panels(records) == [
         Panel("loss", ("train/loss", "train/itm_loss", "epoch/loss", "epoch/itm_loss")),
         Panel("monitor", ("monitor/top1",)),
+        Panel("feature_std", ("train/feature_std", "train/text_feature_std")),
     ]
 
 

@@ -61,6 +61,7 @@ def truncate_metrics(path: Path, after_step: int, epochs_done: int) -> None:
 BOOKKEEPING = ("step", "epoch", "images_per_s")  # logged, but not what a run is read by
 PHASES = ("train/", "epoch/")  # each step's value and the epoch's mean of one quantity: drawn together
 MONITOR = "monitor/"
+SHARED = ("loss", "feature_std")  # quantities ending so share a panel: every loss; both towers' spread
 
 
 @dataclass(frozen=True)
@@ -74,9 +75,10 @@ class Panel:
 
 def curve_panels(records: list[dict]) -> list[Panel]:
     """The panels of curves.png: the losses together first, then the monitor's scores, then one panel per
-    other quantity (learning rate, schedules, collapse signals) in the order first logged, its `train/` and
-    `epoch/` series on the same axes. Constant quantities and copies of another series are left out (the
-    monitor's scores are kept even when flat); a `<name>_max` is a dashed reference on `<name>`'s panel."""
+    other quantity (learning rate, schedules, collapse signals; the `*feature_std` together) in the order
+    first logged, its `train/` and `epoch/` series on the same axes. Constant quantities and copies of
+    another series are left out (the monitor's scores are kept even when flat); a `<name>_max` is a dashed
+    reference on `<name>`'s panel."""
     keys = dict.fromkeys(k for r in records for k, v in r.items() if k not in BOOKKEEPING and _number(v))
     seen: dict[str, set] = {}  # quantity -> every value it took, in either phase
     for key in keys:
@@ -105,7 +107,7 @@ def _panel_of(key: str) -> str:
     if key.startswith(MONITOR):
         return "monitor"
     name = _quantity(key)
-    return "loss" if name.endswith("loss") else name
+    return next((shared for shared in SHARED if name.endswith(shared)), name)
 
 
 def plot_curves(metrics_path: Path, output: Path) -> Path | None:
