@@ -334,3 +334,11 @@ def test_cli_file_output_prints_the_summary_and_refuses_bad_options(cli, pairs, 
     assert_usage_error(cli("capfilt", "--in", tmp_path / "nope.jsonl", "--out", "-"), "is not a file")
     help_text = cli("capfilt", "--help").out
     assert "Examples" in help_text and "--in -" in help_text
+
+
+def test_cli_data_and_output_name_the_same_files_as_in_and_out(cli, pairs, tmp_path):
+    settings = ["-n", "1", "--max-length", "10", "--precision", "fp32", "--num-workers", "0"]
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    assert cli("capfilt", "--in", pairs, "--out", a, *settings).code == 0
+    assert cli("capfilt", "--data", pairs, "--output", b, *settings).code == 0
+    assert len(_lines(b)) == GOOD and a.read_bytes() == b.read_bytes()

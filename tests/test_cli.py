@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CLASSES = ("zero", "one", "two", "three")  # digits 0-3; a folder source numbers its classes in sorted order
 LABELS = {name: i for i, name in enumerate(sorted(CLASSES))}
+EXCLUDE_HELP = 'A file of ids left out of training: one per line, or a .jsonl file with an "id" per line'
 
 
 def _subprocess(*args, timeout=120) -> Result:
@@ -104,6 +105,68 @@ def test_subcommand_help_has_examples(cli, command):
     assert r.code == 0, r.err
     assert "Examples" in r.out
     assert "cvfm " + command[0] in r.out  # the examples are runnable command lines
+
+
+def _help_examples():
+    """(command path, argument list) of every `cvfm ...` line under "Examples:" of every command's help."""
+    import shlex
+
+    import typer
+
+    from cvfm.cli.app import app
+
+    def walk(command, path):
+        yield path, command
+        for name, sub in getattr(command, "commands", {}).items():
+            yield from walk(sub, (*path, name))
+
+    for path, command in walk(typer.main.get_command(app), ()):
+        examples = (command.help or "").partition("Examples:")[2].replace("\\\n", " ")
+        for part in (p for line in examples.splitlines() for p in line.split("|")):
+            words = shlex.split(part)
+            if "cvfm" in words:  # also `accelerate launch -m cvfm ...` and the cvfm stage of a pipe
+                yield path, words[words.index("cvfm") + 1 :]
+
+
+def test_every_help_example_parses():
+    """The examples in --help name options that exist, with values of the right types."""
+    import typer
+
+    from cvfm.cli.app import app
+
+    checked, bad = 0, []
+    for path, args in _help_examples():
+        command, rest = typer.main.get_command(app), list(args)
+        while rest and rest[0] in getattr(command, "commands", {}):
+            command = command.commands[rest.pop(0)]
+        try:
+            command.make_context("cvfm", rest)
+        except Exception as e:  # typer's click: a usage error (unknown option, bad value, missing argument)
+            bad.append((" ".join(path), " ".join(args), str(e)))
+        checked += 1
+    assert checked >= 40 and not bad, bad
+
+
+def test_help_through_a_pipe_keeps_its_lines():
+    """Piped (a CI log, `| less`), help is not folded at 80 columns."""
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "TERMINAL_WIDTH")}
+    command = [sys.executable, "-m", "cvfm", "pretrain", "--help"]
+    piped = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
+    assert piped.returncode == 0, piped.stderr
+    lines = piped.stdout.splitlines()
+    assert any(EXCLUDE_HELP in line for line in lines)
+    docstring = "Ctrl-C or SIGTERM writes a checkpoint first. --resume continues from the last whole"
+    assert any(docstring in line for line in lines)
+
+
+def test_help_obeys_columns(cli, monkeypatch):
+    from typer import rich_utils
+
+    monkeypatch.setattr(rich_utils, "MAX_WIDTH", None)  # as a fresh process has it
+    monkeypatch.setenv("COLUMNS", "80")
+    r = cli("pretrain", "--help")
+    assert r.code == 0 and max(len(line) for line in r.out.splitlines()) == 80
+    assert not any(EXCLUDE_HELP in line for line in r.out.splitlines())
 
 
 def test_models_json_lines(cli):
@@ -512,6 +575,39 @@ def test_pretrain_runtime_flags_and_resume_from_the_cli(cli, digit_folder, tmp_p
     # Without --resume, neither --data nor the run folder may be missing.
     r = cli("pretrain", "-o", tmp_path / "other")
     assert r.code == 2 and "--data is required" in r.err
+
+
+# Each command that loads a model, the library function it hands the choice to, and its default.
+WEIGHT_CHOICE = [
+    (("pretrain", "--data", "d", "-o", "r"), "cvfm.pretrain.pretrain", False),
+    (("finetune", "--data", "d", "-o", "r"), "cvfm.finetune.finetune", False),
+    (("embed", "m", "--data", "d", "-o", "e"), "cvfm.embed.embed", True),
+    (("evaluate", "knn", "m", "--data", "d"), "cvfm.eval.run.evaluate", True),
+    (("evaluate", "linear", "m", "--data", "d"), "cvfm.eval.run.evaluate", True),
+    (("evaluate", "zeroshot", "m", "--data", "d"), "cvfm.eval.vl_run.evaluate_zeroshot", True),
+    (("evaluate", "retrieval", "m", "--data", "d"), "cvfm.eval.vl_run.evaluate_retrieval", True),
+    (("caption", "m", "--data", "d"), "cvfm.caption.caption", True),
+    (("capfilt", "--in", "p.jsonl", "--out", "o.jsonl"), "cvfm.capfilt.capfilt", True),
+]
+
+
+@pytest.mark.parametrize(
+    "args, function, default",
+    WEIGHT_CHOICE,
+    ids=[" ".join(args[: 2 if args[0] == "evaluate" else 1]) for args, _, _ in WEIGHT_CHOICE],
+)
+def test_every_command_takes_pretrained_or_random_init(cli, monkeypatch, args, function, default):
+    """The same two words everywhere; each command keeps its default, and the choice reaches the library."""
+    seen = []
+
+    def library(*a, **kw):
+        seen.append(kw["pretrained"] if "pretrained" in kw else a[0].pretrained)  # a keyword or a config
+        raise cvfm.UsageError("stopped by the test")
+
+    monkeypatch.setattr(function, library)
+    for flag in ((), ("--pretrained",), ("--random-init",)):
+        assert_usage_error(cli(*args, *flag), "stopped by the test")
+    assert seen == [default, True, False]
 
 
 def test_pretrained_flag_needs_cached_weights(cli, digit_folder, tmp_path, empty_hf_cache):

@@ -109,8 +109,8 @@ def _check(num_captions: int, top_p: float | None, threshold: float, batch_size:
 
 
 def capfilt(
-    inp: str,
-    out: str = "-",
+    data: str,
+    output: str = "-",
     *,
     captioner: str = "cvfm/tiny-blip",
     matcher: str | None = None,
@@ -133,29 +133,29 @@ def capfilt(
     device: str | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> dict:
-    """Filter the captions of the image-text pairs in `inp` (a JSONL file, or "-" for stdin).
+    """Filter the captions of the image-text pairs in `data` (a JSONL file, or "-" for stdin).
 
-    Writes one record per pair to `out` (a .jsonl file, or "-" for stdout) and one reject per unusable
-    line to `rejects` (default: `<out stem>.rejects.jsonl` next to a file output; with `out="-"`, JSON
+    Writes one record per pair to `output` (a .jsonl file, or "-" for stdout) and one reject per unusable
+    line to `rejects` (default: `<output stem>.rejects.jsonl` next to a file output; with `output="-"`, JSON
     lines on stderr unless a file is given). A file output resumes: a rerun with the same settings skips
-    the lines already in `out` or `rejects`, and (with the same `batch_size`) ends with the lines of an
+    the lines already in `output` or `rejects`, and (with the same `batch_size`) ends with the lines of an
     uninterrupted run. `on_batch(i)` is called after batch i is written. Returns the summary (over the
     whole output, resumed lines included).
     """
     _check(num_captions, top_p, threshold, batch_size, (max_length, min_length))
     matcher = matcher or captioner
-    to_stdout = out == "-"
+    to_stdout = output == "-"
     if rejects is None and not to_stdout:
-        rejects = io.default_rejects(out)
+        rejects = io.default_rejects(output)
     if rejects == "-":
         raise UsageError("--rejects - is not allowed: stdout carries the output records only")
-    if not to_stdout and rejects is not None and Path(rejects).resolve() == Path(out).resolve():
+    if not to_stdout and rejects is not None and Path(rejects).resolve() == Path(output).resolve():
         raise UsageError("--rejects must be another file than --out")
     dev = torch.device(default_device(device))
     amp = resolve_precision(precision, dev)
     settings = {
         "cvfm_version": cvfm.__version__,
-        "input": inp,
+        "input": data,
         "captioner": captioner,
         "matcher": matcher,
         "pretrained": pretrained,
@@ -171,8 +171,8 @@ def capfilt(
         "image_column": image_column,
         "rejects": rejects,
     }
-    if inp != "-" and not Path(inp).is_file():
-        raise UsageError(f"--in '{inp}' is not a file (give a .jsonl of pairs, or - for stdin)")
+    if data != "-" and not Path(data).is_file():
+        raise UsageError(f"--in '{data}' is not a file (give a .jsonl of pairs, or - for stdin)")
     done: dict[int, tuple[dict, bool]] = {}
     tally = Tally()
     if to_stdout:
@@ -183,15 +183,15 @@ def capfilt(
                 )
             Path(rejects).write_bytes(b"")
     else:
-        state = io.check_settings(out, rejects, settings, overwrite)
+        state = io.check_settings(output, rejects, settings, overwrite)
         if state == "resume":
-            for rec in io.read_done(out).values():
+            for rec in io.read_done(output).values():
                 done[rec["line"]] = (rec, False)
                 try:
                     tally.add_record(rec)
                 except (KeyError, TypeError, AttributeError):
                     raise UsageError(
-                        f"'{out}' line for input line {rec['line']} is not a capfilt record (no valid "
+                        f"'{output}' line for input line {rec['line']} is not a capfilt record (no valid "
                         '"scores"): the file is damaged; pass --overwrite to replace it'
                     ) from None
             for rec in io.read_done(rejects).values():
@@ -199,22 +199,22 @@ def capfilt(
                 tally.add_reject(rec)
     cap_model, itm_model = _load(captioner, matcher, pretrained, trust_remote_code, dev)
     if not to_stdout:
-        io.start_files(out, rejects, settings, state)
+        io.start_files(output, rejects, settings, state)
     if dev.type == "cpu":
         share_cores_with_workers(num_workers)
     cap_pre, itm_pre = cap_model.preprocess, itm_model.preprocess
     images = _Images(cap_pre.transform(), None if itm_pre == cap_pre else itm_pre.transform())
     written = 0
     with ExitStack() as stack:
-        if inp == "-":
+        if data == "-":
             stream, base, name = own_stdin(binary=True), Path.cwd(), "<stdin>"
         else:
-            stream, base, name = stack.enter_context(open(inp, "rb")), Path(inp).parent, Path(inp).name
+            stream, base, name = stack.enter_context(open(data, "rb")), Path(data).parent, Path(data).name
 
         def parse(n: int, raw: str) -> io.Job:
             return io.parse(n, raw, base, name, image_column, text_column)
 
-        sink = io.Sink(None, sys.stdout) if to_stdout else io.Sink(out)
+        sink = io.Sink(None, sys.stdout) if to_stdout else io.Sink(output)
         bad = io.Sink(rejects) if rejects else io.Sink(None, sys.stderr)
         stack.callback(sink.close)
         stack.callback(bad.close)
@@ -233,8 +233,8 @@ def capfilt(
         )
         batch = 0
         try:
-            for chunk in _chunks(stream, inp == "-", batch_size):
-                batches = _Batches(chunk, parse, done, out, batch_size)
+            for chunk in _chunks(stream, data == "-", batch_size):
+                batches = _Batches(chunk, parse, done, output, batch_size)
                 loader = DataLoader(
                     images,
                     batch_sampler=batches,
@@ -262,7 +262,7 @@ def capfilt(
             if not to_stdout:
                 log(f"capfilt: interrupted after {written} new lines; the same command finishes the rest")
             raise
-    summary = {"input": inp, "output": out, "rejects_file": rejects, **tally.as_dict()}
+    summary = {"input": data, "output": output, "rejects_file": rejects, **tally.as_dict()}
     summary.update(
         written=written,
         already_done=len(done),

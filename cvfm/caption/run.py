@@ -23,7 +23,7 @@ from cvfm.runtime.threads import share_cores_with_workers
 def caption(
     model: str,
     data: str,
-    out: str = "-",
+    output: str = "-",
     *,
     split: str | None = None,
     prompt: str | None = None,
@@ -45,12 +45,12 @@ def caption(
     device: str | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> dict:
-    """Caption every image of `data` with the BLIP captioner `model`; write JSON lines to `out`.
+    """Caption every image of `data` with the BLIP captioner `model`; write JSON lines to `output`.
 
     Beam search (`num_beams`) by default, nucleus sampling when `top_p` is set. `on_batch(k)` is called
     after batch k is written. Returns a summary: images captioned now / already done, skipped items."""
     _check_settings(num_beams, top_p, num_captions, max_length, min_length, batch_size, repetition_penalty)
-    follow = data == "-" and out == "-"  # a pipe in and out: caption the lines as they arrive
+    follow = data == "-" and output == "-"  # a pipe in and out: caption the lines as they arrive
     source = None if follow else open_source(data, split=split, image_column=image_column, strict=strict)
     dev = torch.device(default_device(device))
     amp = resolve_precision(precision, dev)
@@ -77,13 +77,13 @@ def caption(
         "batch_size": batch_size if sampling else None,
     }
     captioner = _load(model, pretrained, trust_remote_code)  # a bad id fails before any file is touched
-    output = None if out == "-" else CaptionFile(out, settings)
+    file = None if output == "-" else CaptionFile(output, settings)
     done: set[str] = set()
     earlier_rejects: list[dict] = []
-    if output is not None:
+    if file is not None:
         _check_unique_ids(source)
-        done = output.open(overwrite)
-        earlier_rejects = [{"where": r["image"], "reason": r["reason"]} for r in output.rejects]
+        done = file.open(overwrite)
+        earlier_rejects = [{"where": r["image"], "reason": r["reason"]} for r in file.rejects]
     already = len(done) - len(earlier_rejects)
     batches = None if follow else len(todo_batches(source, batch_size, done))  # unknown for a pipe
     if follow:
@@ -108,7 +108,7 @@ def caption(
         "min_length": min_length,
         "repetition_penalty": repetition_penalty,
     }
-    write = output.write if output is not None else stdout_writer()
+    write = file.write if file is not None else stdout_writer()
     # Standard input comes in chunks of whole batches of the grid, the data's other sources in one.
     chunks = follow_stdin(batch_size, split=split, strict=strict) if follow else [source]
     try:
@@ -145,14 +145,14 @@ def caption(
                 images += len(chunk)
                 first += -(-len(chunk) // batch_size)
     except KeyboardInterrupt:
-        if output is not None:
+        if file is not None:
             log(f"caption: interrupted after {written} new captions; the same command finishes the rest")
         raise
     summary = {
         "model": model,
         "data": data,
         "split": split,
-        "output": out,
+        "output": output,
         "precision": precision_name(amp),
         "images": images,
         "captioned": written,

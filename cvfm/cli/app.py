@@ -87,8 +87,22 @@ def _terminate(signum, frame) -> None:
     raise KeyboardInterrupt  # SIGTERM (a killed or pre-empted job) checkpoints like Ctrl-C
 
 
+PIPED_HELP_WIDTH = 160  # columns of --help when not on a terminal, where rich would fold it at 80
+
+
+def _widen_help_when_piped() -> None:
+    """Help read through a pipe or in a CI log keeps its lines (docstrings are written at 110 columns, and
+    an option's help fits on one line); COLUMNS or TERMINAL_WIDTH, when set, still decide."""
+    if sys.stdout.isatty() or os.environ.get("COLUMNS") or os.environ.get("TERMINAL_WIDTH"):
+        return
+    from typer import rich_utils
+
+    rich_utils.MAX_WIDTH = PIPED_HELP_WIDTH
+
+
 def main() -> None:
     signal.signal(signal.SIGTERM, _terminate)
+    _widen_help_when_piped()
     if not sys.stderr.isatty():
         os.environ.setdefault("TQDM_DISABLE", "1")
         try:

@@ -8,13 +8,17 @@ from cvfm.cli import common
 
 
 def capfilt(
-    inp: str = typer.Option(
+    data: str = typer.Option(
         ...,
         "--in",
         "-i",
+        "--data",
+        "-d",
         help='JSONL of pairs {"id"?, "image", "text"} (paths relative to it), or - for stdin.',
     ),
-    out: str = typer.Option(..., "--out", "-o", help="Output .jsonl file (resumable), or - for stdout."),
+    output: str = typer.Option(
+        ..., "--out", "-o", "--output", help="Output .jsonl file (resumable), or - for stdout."
+    ),
     rejects: str = typer.Option(
         None,
         "--rejects",
@@ -43,7 +47,7 @@ def capfilt(
     precision: str = typer.Option("auto", "--precision", help="auto|fp32|bf16|fp16."),
     text_column: str = typer.Option("text", "--text-column", help="Field of the web caption."),
     image_column: str = typer.Option("image", "--image-column", help="Field of the image path."),
-    random_init: bool = typer.Option(False, "--random-init", help="Ignore pretrained weights."),
+    pretrained: bool = common.pretrained_option(True),
     trust_remote_code: bool = common.TrustRemoteCode,
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace an output written with other settings (or not by capfilt)."
@@ -73,8 +77,8 @@ def capfilt(
     from cvfm.runtime.progress import log
 
     summary = run_capfilt(
-        inp,
-        out,
+        data,
+        output,
         captioner=captioner,
         matcher=matcher,
         rejects=rejects,
@@ -91,11 +95,11 @@ def capfilt(
         text_column=text_column,
         image_column=image_column,
         overwrite=overwrite,
-        pretrained=not random_init,
+        pretrained=pretrained,
         trust_remote_code=trust_remote_code,
     )
     log(format_summary(summary))
-    if out != "-":
+    if output != "-":
         from cvfm.cli.output import emit
 
         emit(summary)

@@ -42,7 +42,7 @@ def caption(
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace an output file made with other settings (or not by cvfm)."
     ),
-    random_init: bool = typer.Option(False, "--random-init", help="Ignore pretrained weights."),
+    pretrained: bool = common.pretrained_option(True),
     trust_remote_code: bool = common.TrustRemoteCode,
 ) -> None:
     """Caption images: one JSON line {"id", "image", "caption"} per image, in the data's order.
@@ -81,7 +81,7 @@ def caption(
         strict=strict,
         overwrite=overwrite,
         image_column=image_column,
-        pretrained=not random_init,
+        pretrained=pretrained,
         trust_remote_code=trust_remote_code,
     )
     if output != "-":

@@ -24,6 +24,28 @@ RunWorkers = typer.Option(
     help="DataLoader worker processes for decoding (default 2; with --resume, the run's). A resumed run "
     "keeps the CPU thread count it started with, so its result does not depend on this.",
 )
+
+
+def pretrained_option(default: bool, note: str = ""):
+    """The --pretrained/--random-init choice, defaulting to `default` (each command keeps its own)."""
+    return typer.Option(
+        default,
+        "--pretrained/--random-init",
+        help="Load the model's pretrained weights, or initialise it at random (a baseline)." + note,
+    )
+
+
+RunOutput = typer.Option(..., "--output", "-o", help="Run folder (refused if it exists, see --overwrite).")
+RunOverwrite = typer.Option(False, "--overwrite", help="Replace an existing run folder.")
+Exclude = typer.Option(
+    None,
+    "--exclude",
+    help='A file of ids left out of training: one per line, or a .jsonl file with an "id" per line '
+    "('-' reads standard input).",
+)
+Ledger = typer.Option(
+    None, "--ledger", help="A deletion ledger (cvfm unlearn): the ids it has forgotten are left out too."
+)
 TrustRemoteCode = typer.Option(
     False, "--trust-remote-code", help="Allow transformers to run a hub repo's code."
 )

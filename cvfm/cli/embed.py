@@ -34,7 +34,7 @@ def embed(
     part_size: int = typer.Option(10_000, "--part-size", min=1, help="Rows per output part (file set)."),
     shard_id: int = typer.Option(0, "--shard-id", min=0, help="This job's shard (parts p % num_shards)."),
     num_shards: int = typer.Option(1, "--num-shards", min=1, help="Jobs sharing the work."),
-    random_init: bool = typer.Option(False, "--random-init", help="Ignore pretrained weights."),
+    pretrained: bool = common.pretrained_option(True),
     image_column: str = common.ImageColumn,
     label_column: str = common.LabelColumn,
     strict: bool = common.Strict,
@@ -86,7 +86,7 @@ def embed(
         strict=strict,
         image_column=image_column,
         label_column=label_column,
-        pretrained=not random_init,
+        pretrained=pretrained,
         trust_remote_code=trust_remote_code,
     )
     if int(os.environ.get("RANK", "0")) != 0:  # one summary per launch, from the first process

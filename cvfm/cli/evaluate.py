@@ -20,21 +20,17 @@ TestData = typer.Option(None, "--test-data", help="Separate test data (default: 
 TrainSplit = typer.Option("train", "--train-split", help="Split used as k-NN bank / probe training set.")
 TestSplit = typer.Option("test", "--test-split", help="Split that is scored.")
 Output = typer.Option("-", "--output", help="Append the JSON line to this file instead of stdout.")
-RandomInit = typer.Option(False, "--random-init", help="Ignore pretrained weights (a random-init baseline).")
+Pretrained = common.pretrained_option(True)
 
 
-def _run(
-    task: str, *, output: str, train_split: str, test_split: str, random_init: bool, k=None, **kw
-) -> None:
+def _run(task: str, *, output: str, train_split: str, test_split: str, k=None, **kw) -> None:
     """Map CLI values onto `cvfm.eval.run.evaluate` ('' means no split) and emit its JSON line."""
     from cvfm.cli.output import emit
     from cvfm.eval.run import evaluate
 
     if k is not None:
         kw["ks"] = tuple(k)
-    record = evaluate(
-        task, train_split=train_split or None, test_split=test_split or None, pretrained=not random_init, **kw
-    )
+    record = evaluate(task, train_split=train_split or None, test_split=test_split or None, **kw)
     emit(record, output)
 
 
@@ -50,7 +46,7 @@ def knn(
     batch_size: int = typer.Option(256, "--batch-size", "-b", min=1),
     num_workers: int = common.Workers,
     seed: int = typer.Option(0, "--seed"),
-    random_init: bool = RandomInit,
+    pretrained: bool = Pretrained,
     image_column: str = common.ImageColumn,
     label_column: str = common.LabelColumn,
     strict: bool = common.Strict,
@@ -81,7 +77,7 @@ def linear(
     batch_size: int = typer.Option(256, "--batch-size", "-b", min=1),
     num_workers: int = common.Workers,
     seed: int = typer.Option(0, "--seed"),
-    random_init: bool = RandomInit,
+    pretrained: bool = Pretrained,
     image_column: str = common.ImageColumn,
     label_column: str = common.LabelColumn,
     strict: bool = common.Strict,
@@ -110,7 +106,7 @@ Precision = typer.Option(
 )
 
 
-def _run_vl(task: str, *, output: str, split: str, random_init: bool, **kw) -> None:
+def _run_vl(task: str, *, output: str, split: str, **kw) -> None:
     """Map CLI values onto `cvfm.eval.vl_run` ('' means no split) and emit its JSON line."""
     from cvfm.cli.output import emit
     from cvfm.eval import vl_run
@@ -118,7 +114,7 @@ def _run_vl(task: str, *, output: str, split: str, random_init: bool, **kw) -> N
     if "recall_k" in kw:
         kw["ks"] = tuple(kw.pop("recall_k"))
     evaluate = vl_run.evaluate_zeroshot if task == "zeroshot" else vl_run.evaluate_retrieval
-    emit(evaluate(split=split or None, pretrained=not random_init, **kw), output)
+    emit(evaluate(split=split or None, **kw), output)
 
 
 @app.command("zeroshot")
@@ -141,7 +137,7 @@ def zeroshot(
     num_workers: int = common.Workers,
     precision: str = Precision,
     seed: int = typer.Option(0, "--seed"),
-    random_init: bool = RandomInit,
+    pretrained: bool = Pretrained,
     image_column: str = common.ImageColumn,
     label_column: str = common.LabelColumn,
     strict: bool = common.Strict,
@@ -181,7 +177,7 @@ def retrieval(
     num_workers: int = common.Workers,
     precision: str = Precision,
     seed: int = typer.Option(0, "--seed"),
-    random_init: bool = RandomInit,
+    pretrained: bool = Pretrained,
     image_column: str = common.ImageColumn,
     strict: bool = common.Strict,
     trust_remote_code: bool = common.TrustRemoteCode,

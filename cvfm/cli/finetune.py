@@ -7,33 +7,17 @@ import typer
 
 from cvfm.cli import common
 
-Exclude = typer.Option(
-    None,
-    "--exclude",
-    help='A file of ids left out of training: one per line, or a .jsonl file with an "id" per line '
-    "('-' reads standard input).",
-)
-Ledger = typer.Option(
-    None, "--ledger", help="A deletion ledger (cvfm unlearn): the ids it has forgotten are left out too."
-)
-
 
 def finetune(
     data: str = typer.Option(None, "--data", "-d", help=common.DATA_HELP + " Needs labels."),
-    output: str = typer.Option(
-        ..., "--output", "-o", help="Run folder (refused if it exists, see --overwrite)."
-    ),
+    output: str = common.RunOutput,
     split: str = typer.Option("train", "--split", help="Split to train on ('' for none)."),
     model: str = typer.Option(
         "cvfm/tiny-resnet",
         "--model",
         help="Registry id or folder of the backbone (e.g. timm/resnet18, runs/dino).",
     ),
-    pretrained: bool = typer.Option(
-        False,
-        "--pretrained",
-        help="Start from the registry's pretrained weights (a folder's are always used).",
-    ),
+    pretrained: bool = common.pretrained_option(False, " A folder's own weights are always used."),
     freeze: bool = typer.Option(
         False, "--freeze", help="Keep the backbone frozen: fit only the head on its features."
     ),
@@ -57,12 +41,12 @@ def finetune(
     precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 (mixed precision)."),
     seed: int = typer.Option(0, "--seed"),
     num_workers: int = common.RunWorkers,
-    exclude: str = Exclude,
-    ledger: str = Ledger,
+    exclude: str = common.Exclude,
+    ledger: str = common.Ledger,
     image_column: str = common.ImageColumn,
     label_column: str = common.LabelColumn,
     strict: bool = common.Strict,
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
+    overwrite: bool = common.RunOverwrite,
     resume: bool = typer.Option(
         False, "--resume", help="Continue the fine-tuning run in --output from its last checkpoint."
     ),

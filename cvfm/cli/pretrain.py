@@ -10,9 +10,7 @@ from cvfm.cli import common
 
 def pretrain(
     data: str = typer.Option(None, "--data", "-d", help=common.DATA_HELP + " Not needed with --resume."),
-    output: str = typer.Option(
-        ..., "--output", "-o", help="Run folder (refused if it exists, see --overwrite)."
-    ),
+    output: str = common.RunOutput,
     method: str = typer.Option(
         "dino",
         "--method",
@@ -33,9 +31,7 @@ def pretrain(
         help="clip: an image-text model whose text tower is trained with the --model image encoder "
         "(a linear projection joins them), e.g. cvfm/tiny-clip.",
     ),
-    pretrained: bool = typer.Option(
-        False, "--pretrained", help="Start from the registry's pretrained weights."
-    ),
+    pretrained: bool = common.pretrained_option(False, " blip-* always start from the model's weights."),
     split: str = typer.Option(None, "--split", help="Split of the data to train on (e.g. train)."),
     epochs: int = typer.Option(10, "--epochs", min=1),
     batch_size: int = typer.Option(64, "--batch-size", "-b", min=2, help="Per process."),
@@ -61,16 +57,10 @@ def pretrain(
         help="clip, blip-*: the caption field of a .jsonl / column of an hf: dataset (default 'text'; "
         "'caption' for builtin:*-captions).",
     ),
-    exclude: str = typer.Option(
-        None,
-        "--exclude",
-        help='A file of ids left out of training: one per line, or a .jsonl file with an "id" per line.',
-    ),
-    ledger: str = typer.Option(
-        None, "--ledger", help="A deletion ledger (cvfm unlearn): the ids it has forgotten are left out too."
-    ),
+    exclude: str = common.Exclude,
+    ledger: str = common.Ledger,
     strict: bool = common.Strict,
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
+    overwrite: bool = common.RunOverwrite,
     resume: bool = typer.Option(
         False, "--resume", help="Continue the run in --output from its last checkpoint."
     ),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 from accelerate.tracking import GeneralTracker
@@ -57,28 +58,96 @@ def truncate_metrics(path: Path, after_step: int, epochs_done: int) -> None:
     atomic_write(path, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in kept)))
 
 
-def plot_curves(metrics_path: Path, out: Path) -> Path | None:
-    """Plot every logged series against the step, one panel per metric."""
+BOOKKEEPING = ("step", "epoch", "images_per_s")  # logged, but not what a run is read by
+PHASES = ("train/", "epoch/")  # each step's value and the epoch's mean of one quantity: drawn together
+MONITOR = "monitor/"
+SHARED = ("loss", "feature_std")  # quantities ending so share a panel: every loss; both towers' spread
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One plot of curves.png: `series` drawn as lines against the step, `references` (bounds) dashed."""
+
+    title: str
+    series: tuple[str, ...]
+    references: tuple[str, ...] = ()
+
+
+def curve_panels(records: list[dict]) -> list[Panel]:
+    """The panels of curves.png: the losses together first, then the monitor's scores, then one panel per
+    other quantity (learning rate, schedules, collapse signals; the `*feature_std` together) in the order
+    first logged, its `train/` and `epoch/` series on the same axes. Constant quantities and copies of
+    another series are left out (the monitor's scores are kept even when flat); a `<name>_max` is a dashed
+    reference on `<name>`'s panel."""
+    keys = dict.fromkeys(k for r in records for k, v in r.items() if k not in BOOKKEEPING and _number(v))
+    seen: dict[str, set] = {}  # quantity -> every value it took, in either phase
+    for key in keys:
+        seen.setdefault(_quantity(key), set()).update(v for _, v in _points(records, key))
+    series: dict[str, list[str]] = {}  # panel title -> keys
+    references: dict[str, dict[str, str]] = {}  # panel title -> {quantity: its first key}
+    for key in keys:
+        name = _quantity(key)
+        if name.endswith("_max"):
+            references.setdefault(name.removesuffix("_max"), {}).setdefault(name, key)
+            continue
+        panel, values = series.setdefault(_panel_of(key), []), _points(records, key)
+        flat = len(seen[name]) < 2 and not key.startswith(MONITOR)
+        if not flat and all(_points(records, k) != values for k in panel):
+            panel.append(key)
+    order = sorted(series, key=lambda title: (title != "loss", title != "monitor"))  # stable otherwise
+    return [Panel(t, tuple(series[t]), tuple(references.get(t, {}).values())) for t in order if series[t]]
+
+
+def _quantity(key: str) -> str:
+    """`train/lr` and `epoch/lr` are the learning rate: `lr`."""
+    return next((key.removeprefix(p) for p in PHASES if key.startswith(p)), key)
+
+
+def _panel_of(key: str) -> str:
+    if key.startswith(MONITOR):
+        return "monitor"
+    name = _quantity(key)
+    return next((shared for shared in SHARED if name.endswith(shared)), name)
+
+
+def plot_curves(metrics_path: Path, output: Path) -> Path | None:
+    """Draw the `curve_panels` of a run's metrics.jsonl to `output` (a PNG); None when nothing varies."""
     records = read_metrics(metrics_path)
-    keys = sorted({k for r in records for k, v in r.items() if k != "step" and isinstance(v, (int, float))})
-    if not keys:
+    panels = curve_panels(records)
+    if not panels:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cols = min(3, len(keys))
-    rows = math.ceil(len(keys) / cols)
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3 * rows), squeeze=False)
-    for ax, key in zip(axes.flat, keys, strict=False):
-        pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
-        ax.plot(*zip(*pts, strict=True), marker="." if len(pts) < 50 else None)
-        ax.set_title(key, fontsize=9)
+    for ax, panel in zip(axes.flat, panels, strict=False):
+        colours: dict[str, str] = {}  # one colour per quantity: its train/ and epoch/ series share it
+        for key in panel.series:
+            steps, values = zip(*_points(records, key), strict=True)
+            colour = colours.setdefault(_quantity(key), f"C{len(colours)}")
+            style = {"lw": 0.8, "alpha": 0.5} if key.startswith("train/") else {"lw": 1.5, "marker": "."}
+            ax.plot(steps, values, color=colour, label=key, **style)
+        for key in panel.references:
+            steps, values = zip(*_points(records, key), strict=True)
+            ax.plot(steps, values, "--", color="grey", lw=1, label=_quantity(key))
+        ax.set_title(panel.title, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
-    for ax in list(axes.flat)[len(keys) :]:
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.tight_layout()
-    atomic_write(out, lambda p: fig.savefig(p, format="png", dpi=90))
+    atomic_write(output, lambda p: fig.savefig(p, format="png", dpi=90))
     plt.close(fig)
-    return out
+    return output
+
+
+def _points(records: list[dict], key: str) -> list[tuple[int, float]]:
+    return [(r["step"], r[key]) for r in records if _number(r.get(key))]
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
