@@ -455,6 +455,33 @@ def test_seeded_dataset_leaves_global_rng_alone(noise_folder):
     assert torch.equal(torch.rand(3), expected)
 
 
+def test_batch_carries_original_sizes_and_non_class_targets(tmp_path):
+    """Segmentation needs each image's decoded size (to map masks back) and targets other than a class."""
+    from cvfm.data.items import ImageSource, Item
+
+    sizes = [(30, 17), (9, 41), (16, 16)]  # (height, width), odd and non-square
+    paths = []
+    for k, (h, w) in enumerate(sizes):
+        paths.append(tmp_path / f"{k}.png")
+        Image.new("RGB", (w, h), (k * 40, 0, 0)).save(paths[-1])
+    targets = [{"points": [[3, 4]], "labels": [1]}, {"boxes": [[0, 0, 5, 5]]}, {"points": [], "labels": []}]
+    items = [Item(id=str(k), label=-1, ref=str(p), target=t) for k, (p, t) in enumerate(zip(paths, targets))]
+    source = ImageSource("prompts", items)
+    ds = ImageDataset(source, Preprocess(size=8, resize_mode="longest", library="transformers").transform())
+    batch = collate([ds[i] for i in range(3)])
+    assert batch["image"].shape == (3, 3, 8, 8)  # longest side then pad: every input is square
+    assert batch["size"].tolist() == [list(s) for s in sizes]
+    assert batch["target"] == targets  # passed through unchanged, in batch order
+    with pytest.raises(DataError, match="some items of a batch have a target"):
+        collate([ds[0], _untargeted(ds, 1)])
+
+
+def _untargeted(ds: ImageDataset, i: int) -> dict:
+    sample = ds[i]
+    del sample["target"]
+    return sample
+
+
 # --------------------------------------------------------------------------------------------- HF datasets
 
 

@@ -27,12 +27,15 @@ UNLABELLED = -1  # an item's label when the data gives none (written as null)
 @dataclass(frozen=True)
 class Item:
     """One record: a stable id, a label index (UNLABELLED when unknown), where to read the image from
-    (None for text-only records) and, for image-text data, its text (one caption, or several)."""
+    (None for text-only records), for image-text data its text (one caption, or several), and a `target`
+    other than a class when the task has one (instance masks, prompts, boxes: whatever its method reads;
+    it travels to the batch unchanged, one per image)."""
 
     id: str
     label: int
     ref: Any
     text: str | tuple[str, ...] | None = None
+    target: Any = None
 
 
 @dataclass

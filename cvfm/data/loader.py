@@ -24,8 +24,9 @@ class Skipped:
 
 
 class ImageDataset(Dataset):
-    """Yields `{"image": tensor or [views], "label", "index"}` (plus `"text"` when the source has texts;
-    no `"image"` for a text-only source), or a `Skipped` for an unreadable item."""
+    """Yields `{"image": tensor or [views], "size": (height, width) as decoded, "label", "index"}` plus
+    `"text"` and `"target"` when the item has them (no `"image"` or `"size"` for a text-only source), or a
+    `Skipped` for an unreadable item. The original size maps outputs back onto the image (masks, boxes)."""
 
     def __init__(self, source: ImageSource, transform: Callable | None, seed: int | None = None):
         self.source, self.transform, self.seed, self.epoch = source, transform, seed, 0
@@ -41,6 +42,8 @@ class ImageDataset(Dataset):
         sample = {"label": item.label, "index": i}
         if item.text is not None:
             sample["text"] = item.text
+        if item.target is not None:
+            sample["target"] = item.target
         if not self.source.has_images:
             return sample
         try:
@@ -53,19 +56,25 @@ class ImageDataset(Dataset):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
                 image = self.transform(img)
-        return {"image": image, **sample}
+        return {"image": image, "size": torch.tensor([img.height, img.width]), **sample}
 
 
 def collate(batch: list, tokenizer: Callable | None = None) -> dict:
     """Stack the good samples; report the skipped ones under "skipped". Texts stay a list of strings
-    (or of caption tuples); `tokenizer(texts)` adds their "tokens" (use `functools.partial`)."""
+    (or of caption tuples), targets a list; `tokenizer(texts)` adds their "tokens" (use
+    `functools.partial`)."""
     good = [b for b in batch if not isinstance(b, Skipped)]
     texts = [b.pop("text") for b in good if "text" in b]
+    targets = [b.pop("target") for b in good if "target" in b]
     out = default_collate(good) if good else {"image": None, "label": None, "index": None}
     if good and texts:
         out["text"] = texts
         if tokenizer is not None:
             out["tokens"] = tokenizer(texts)
+    if good and targets:
+        if len(targets) != len(good):
+            raise DataError("some items of a batch have a target and some have none")
+        out["target"] = targets
     out["skipped"] = [b for b in batch if isinstance(b, Skipped)]
     return out
 

@@ -57,7 +57,7 @@ class ImageTower(Encoder):
         self.dual, self.name = dual, dual.name
         self.num_features, self.preprocess = dual.embed_dim, dual.preprocess
 
-    def encode(self, x: torch.Tensor) -> EncoderOutput:
+    def _encode(self, x: torch.Tensor) -> EncoderOutput:
         return EncoderOutput(pooled=self.dual.encode_image(x), patch_tokens=None)
 
     def save(self, folder: str | Path) -> Path:

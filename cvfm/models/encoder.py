@@ -17,6 +17,7 @@ from torch import nn
 
 from cvfm.data.preprocess import TIMM_CROP_MODE_OF, Preprocess, from_timm
 from cvfm.errors import CvfmError
+from cvfm.models.masking import check_mask, new_mask_token, timm_vit_features
 
 PREPROCESS_FILE = "preprocess.json"
 PREPROCESS_KEY = "cvfm_preprocess"  # in a timm export's config.json
@@ -29,17 +30,51 @@ class EncoderOutput:
 
 
 class Encoder(nn.Module, abc.ABC):
-    """Base class: `forward(x)` returns the pooled embedding; `encode(x)` adds patch tokens."""
+    """Base class: `forward(x)` returns the pooled embedding; `encode(x)` adds patch tokens, and can mask
+    patches (`cvfm.models.masking`). `patch_size` is a token's stride in pixels (None: no token grid)."""
 
     name: str
     num_features: int
     preprocess: Preprocess
+    patch_size: tuple[int, int] | None = None
+
+    def __init__(self):
+        super().__init__()
+        self.register_parameter("mask_token", None)  # a learned token once `add_mask_token()` makes one
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.encode(x).pooled
 
+    def encode(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, *, drop: bool = False
+    ) -> EncoderOutput:
+        """The pooled embedding and patch tokens of `x`. With `mask` ((B, N) or (B, h, w) bool over the token
+        grid, True = masked) the masked patches are replaced by the learned mask token (`add_mask_token()`),
+        or with `drop=True` left out: `patch_tokens` then holds the visible patches only, in grid order."""
+        if mask is None:
+            return self._encode(x)
+        return self._encode_masked(x, mask, drop)
+
     @abc.abstractmethod
-    def encode(self, x: torch.Tensor) -> EncoderOutput: ...
+    def _encode(self, x: torch.Tensor) -> EncoderOutput: ...
+
+    def _encode_masked(self, x: torch.Tensor, mask: torch.Tensor, drop: bool) -> EncoderOutput:
+        raise CvfmError(
+            f"'{self.name}' cannot mask patches: masking needs a ViT (a timm VisionTransformer, or a "
+            "transformers ViT with a mask token)"
+        )
+
+    def add_mask_token(self) -> nn.Parameter:
+        """The learned mask token (made on first call: a method that masks calls this before training)."""
+        if self.mask_token is None:
+            self.mask_token = new_mask_token(self.num_features)
+        return self.mask_token
+
+    def token_grid(self, height: int, width: int) -> tuple[int, int]:
+        """The (rows, columns) of patch tokens for a `height` x `width` input."""
+        if self.patch_size is None:
+            raise CvfmError(f"'{self.name}' has no grid of patch tokens")
+        return height // self.patch_size[0], width // self.patch_size[1]
 
     @abc.abstractmethod
     def save(self, folder: str | Path) -> Path:
@@ -82,10 +117,40 @@ class TimmEncoder(Encoder):
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
 
-    def encode(self, x: torch.Tensor) -> EncoderOutput:
+    @property
+    def is_vit(self) -> bool:
+        from timm.models.vision_transformer import VisionTransformer
+
+        return isinstance(self.model, VisionTransformer)
+
+    @property
+    def patch_size(self) -> tuple[int, int] | None:
+        if self.is_vit:
+            return tuple(self.model.patch_embed.patch_size)
+        info = getattr(self.model, "feature_info", None)  # a conv net: its last feature map's stride
+        return (info[-1]["reduction"],) * 2 if info else None
+
+    def token_grid(self, height: int, width: int) -> tuple[int, int]:
+        if self.is_vit:
+            return tuple(self.model.patch_embed.dynamic_feat_size((height, width)))
+        if self.patch_size is None:
+            return super().token_grid(height, width)
+        stride = self.patch_size[0]  # a conv net's padded convolutions round up
+        return -(-height // stride), -(-width // stride)
+
+    def _encode(self, x: torch.Tensor) -> EncoderOutput:
         if self.channels_last and x.ndim == 4 and x.device.type in ("cpu", "cuda"):
             x = x.contiguous(memory_format=torch.channels_last)
-        feats = self.model.forward_features(x)
+        return self._output(self.model.forward_features(x))
+
+    def _encode_masked(self, x: torch.Tensor, mask: torch.Tensor, drop: bool) -> EncoderOutput:
+        if not self.is_vit:
+            return super()._encode_masked(x, mask, drop)
+        if not drop and self.mask_token is None:
+            raise CvfmError("replacing masked patches needs a mask token: call add_mask_token() first")
+        return self._output(timm_vit_features(self.model, x, mask, self.mask_token, drop))
+
+    def _output(self, feats: torch.Tensor) -> EncoderOutput:
         pooled = self.model.forward_head(feats, pre_logits=True)
         if feats.ndim == 3:  # (B, tokens, D): drop class / register tokens
             tokens = feats[:, getattr(self.model, "num_prefix_tokens", 0) :]
@@ -174,15 +239,31 @@ class HFEncoder(Encoder):
         cfg = model.config
         self.num_features = int(getattr(cfg, "hidden_size", None) or cfg.hidden_sizes[-1])
         self.num_prefix_tokens = 1 + int(getattr(cfg, "num_register_tokens", 0) or 0)
+        patch = getattr(cfg, "patch_size", None) if getattr(cfg, "hidden_size", None) else None
+        self.patch_size = (patch, patch) if isinstance(patch, int) else (tuple(patch) if patch else None)
 
-    def encode(self, x: torch.Tensor) -> EncoderOutput:
-        out = self.model(pixel_values=x)
+    def add_mask_token(self) -> nn.Parameter:
+        """The model's own mask token (transformers ViTs built with `use_mask_token=True`, DINOv2, BEiT)."""
+        token = getattr(getattr(self.model, "embeddings", None), "mask_token", None)
+        if token is None:
+            raise CvfmError(f"'{self.name}' has no mask token (a transformers ViT needs use_mask_token=True)")
+        return token
+
+    def _encode(self, x: torch.Tensor, **kwargs) -> EncoderOutput:
+        out = self.model(pixel_values=x, **kwargs)
         hidden = out.last_hidden_state
         if hidden.ndim == 3:
             return EncoderOutput(pooled=hidden[:, 0], patch_tokens=hidden[:, self.num_prefix_tokens :])
         pooled = getattr(out, "pooler_output", None)
         pooled = pooled.flatten(1) if pooled is not None else hidden.mean(dim=(2, 3))
         return EncoderOutput(pooled=pooled, patch_tokens=hidden.flatten(2).transpose(1, 2))
+
+    def _encode_masked(self, x: torch.Tensor, mask: torch.Tensor, drop: bool) -> EncoderOutput:
+        if drop or self.patch_size is None:  # transformers' ViTs replace masked patches, none drops them
+            return super()._encode_masked(x, mask, drop)
+        self.add_mask_token()  # refuses a model without one
+        rows, cols = self.token_grid(*x.shape[-2:])
+        return self._encode(x, bool_masked_pos=check_mask(mask, x.shape[0], rows * cols, drop=False))
 
     def save(self, folder: str | Path) -> Path:
         folder = Path(folder)

@@ -17,7 +17,7 @@ class PixelEncoder(Encoder):
         self.name, self.num_features = name, 3 * size * size
         self.preprocess = Preprocess(size=size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=1.0)
 
-    def encode(self, x: torch.Tensor) -> EncoderOutput:
+    def _encode(self, x: torch.Tensor) -> EncoderOutput:
         return EncoderOutput(pooled=x.flatten(1), patch_tokens=None)
 
     def save(self, folder: str | Path) -> Path:
