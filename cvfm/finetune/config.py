@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from cvfm.errors import UsageError
+from cvfm.pretrain.config import PretrainConfig
 from cvfm.runtime.precision import training_precision
 from cvfm.runtime.run_dir import RunDir
 
@@ -81,3 +82,29 @@ def check(cfg: FinetuneConfig) -> None:
         raise UsageError("--data is required (unless --resume continues an existing run)")
     if cfg.head == "knn" and cfg.k < 1:
         raise UsageError(f"--k must be at least 1, got {cfg.k}")
+
+
+def pretrain_config(cfg: FinetuneConfig) -> PretrainConfig:
+    """Full fine-tuning as a `cvfm pretrain` run of the `supervised` method (its data opened the same way)."""
+    return PretrainConfig(
+        data=cfg.data,
+        output=cfg.output,
+        method="supervised",
+        model=cfg.model,
+        pretrained=cfg.load_weights,
+        split=cfg.split,
+        image_column=cfg.image_column,
+        label_column=cfg.label_column,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        precision=cfg.precision,
+        seed=cfg.seed,
+        num_workers=cfg.num_workers,
+        strict=cfg.strict,
+        overwrite=cfg.overwrite,
+        resume=cfg.resume,
+        exclude=cfg.exclude,
+        ledger=cfg.ledger,
+        options={"augment": cfg.augment, "weight_decay": cfg.weight_decay},
+    )

@@ -8,10 +8,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from cvfm.eval.features import extract_features
-from cvfm.finetune.config import FinetuneConfig, check, recipe, saved_config
+from cvfm.finetune.config import FinetuneConfig, check, pretrain_config, recipe, saved_config
 from cvfm.finetune.data import open_training_data
 from cvfm.finetune.frozen import finetune_frozen
-from cvfm.pretrain import PretrainConfig, pretrain
+from cvfm.pretrain import pretrain
 from cvfm.registry import create_classifier
 from cvfm.runtime.device import default_device
 from cvfm.runtime.run_dir import RunDir
@@ -28,38 +28,12 @@ def finetune(cfg: FinetuneConfig, on_step=None) -> Path:
     check(cfg)
     if cfg.frozen:
         return finetune_frozen(cfg)
-    path = pretrain(_pretrain_config(cfg), on_step, record={"finetune": recipe(cfg)})
+    path = pretrain(pretrain_config(cfg), on_step, record={"finetune": recipe(cfg)})
     from accelerate import PartialState
 
     if PartialState().is_main_process:
         _record_train_top1(cfg, path)
     return path
-
-
-def _pretrain_config(cfg: FinetuneConfig) -> PretrainConfig:
-    """Full fine-tuning as a run of the shared trainer with the `supervised` method."""
-    return PretrainConfig(
-        data=cfg.data,
-        output=cfg.output,
-        method="supervised",
-        model=cfg.model,
-        pretrained=cfg.load_weights,
-        split=cfg.split,
-        image_column=cfg.image_column,
-        label_column=cfg.label_column,
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        precision=cfg.precision,
-        seed=cfg.seed,
-        num_workers=cfg.num_workers,
-        strict=cfg.strict,
-        overwrite=cfg.overwrite,
-        resume=cfg.resume,
-        exclude=cfg.exclude,
-        ledger=cfg.ledger,
-        options={"augment": cfg.augment, "weight_decay": cfg.weight_decay},
-    )
 
 
 def _record_train_top1(cfg: FinetuneConfig, path: Path) -> None:

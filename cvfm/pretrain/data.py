@@ -14,12 +14,13 @@ from cvfm.runtime.run_dir import RunDir
 
 
 def open_training_data(
-    cfg: PretrainConfig, run: RunDir, *, texts: bool, labels: bool
+    cfg: PretrainConfig, run: RunDir | None, *, texts: bool, labels: bool, quiet: bool = False
 ) -> tuple[ImageSource, list[str] | None, dict | None]:
-    """(source without the excluded ids, its classes when `labels`, run.json's "excluded" record)."""
+    """(source without the excluded ids, its classes when `labels`, run.json's "excluded" record). A
+    resumed `run` must leave out what it left out before; `quiet`: no log line about the excluded ids."""
     source = _open_source(cfg, texts)
     classes = labelled_classes(source, cfg.data) if labels else None
-    source, excluded = _exclude(cfg, source, run)
+    source, excluded = _exclude(cfg, source, run, quiet)
     return source, classes, excluded
 
 
@@ -58,19 +59,23 @@ def _no_texts(cfg: PretrainConfig, column: str) -> str:
     )
 
 
-def _exclude(cfg: PretrainConfig, source: ImageSource, run: RunDir) -> tuple[ImageSource, dict | None]:
+def _exclude(
+    cfg: PretrainConfig, source: ImageSource, run: RunDir | None, quiet: bool
+) -> tuple[ImageSource, dict | None]:
     """The training source without the ids of `cfg.exclude` and `cfg.ledger`, and run.json's record of
     them; a resumed run must leave out exactly what it left out before."""
     if not (cfg.exclude or cfg.ledger):
         return source, None
     source, record = exclude_from(source, cfg.exclude, cfg.ledger)
-    if cfg.resume:
+    if cfg.resume and run is not None:
         before = (run.read().get("excluded") or {}).get("sha256")
         if before is not None and before != record["sha256"]:
             raise UsageError(
                 f"cannot resume '{run.path}': the ids left out (--exclude / --ledger) changed since it "
                 f"started ({record['count']} now); start a new run instead"
             )
+    if quiet:
+        return source, record
     sources = " and ".join(
         f"{k} '{v}'" for k, v in (("--exclude", cfg.exclude), ("--ledger", cfg.ledger)) if v
     )
