@@ -465,7 +465,10 @@ def test_batch_carries_original_sizes_and_non_class_targets(tmp_path):
         paths.append(tmp_path / f"{k}.png")
         Image.new("RGB", (w, h), (k * 40, 0, 0)).save(paths[-1])
     targets = [{"points": [[3, 4]], "labels": [1]}, {"boxes": [[0, 0, 5, 5]]}, {"points": [], "labels": []}]
-    items = [Item(id=str(k), label=-1, ref=str(p), target=t) for k, (p, t) in enumerate(zip(paths, targets, strict=True))]
+    items = [
+        Item(id=str(k), label=-1, ref=str(p), target=t)
+        for k, (p, t) in enumerate(zip(paths, targets, strict=True))
+    ]
     source = ImageSource("prompts", items)
     ds = ImageDataset(source, Preprocess(size=8, resize_mode="longest", library="transformers").transform())
     batch = collate([ds[i] for i in range(3)])
