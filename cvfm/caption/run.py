@@ -10,9 +10,9 @@ from torch.utils.data import DataLoader
 import cvfm
 from cvfm.caption.grid import GridBatches, batch_seed, todo_batches
 from cvfm.caption.output import CaptionFile, record, reject, stdout_writer
+from cvfm.data.digest import rows_digest
 from cvfm.data.loader import ImageDataset, SkipLog, collate
 from cvfm.data.sources import ImageSource, follow_stdin, open_source
-from cvfm.embed.run import rows_digest
 from cvfm.errors import UsageError
 from cvfm.runtime.device import default_device
 from cvfm.runtime.precision import autocast, precision_name, resolve_precision

@@ -119,3 +119,13 @@ def compare(recorded: Iterable[Entry], current: Iterable[Entry]) -> DataChanges:
         added=sorted(new.keys() - both),
         removed=sorted(gone.keys() - both),
     )
+
+
+def rows_digest(source: ImageSource, images: bool) -> str:
+    """A hash of the rows in order (ids, image references, texts): an embed or caption output over another
+    source is not resumed."""
+    h = hashlib.sha256()
+    for it in source.items:
+        ref = it.ref if images else None
+        h.update(f"{it.id}\t{ref}\t{it.text}\n".encode("utf-8", "surrogatepass"))
+    return h.hexdigest()

@@ -8,7 +8,6 @@ part is written as soon as it is complete.
 from __future__ import annotations
 
 import functools
-import hashlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import cvfm
+from cvfm.data.digest import rows_digest
 from cvfm.data.loader import ImageDataset, SkipLog, collate
 from cvfm.data.sources import ImageSource, follow_stdin, open_source
 from cvfm.embed.folder import EmbedFolder
@@ -221,15 +221,6 @@ def _embed_followed(
     counts = {"total": parts, "owned": parts, "written": parts, "already_done": 0}
     skipped = _unique(lines_skipped + skips.as_list())
     return {**summary, "rows": rows, "dims": towers.dims, "parts": counts, "skipped": skipped}
-
-
-def rows_digest(source: ImageSource, images: bool) -> str:
-    """A hash of the rows in order (ids, image references, texts): a changed source is not resumed."""
-    h = hashlib.sha256()
-    for it in source.items:
-        ref = it.ref if images else None
-        h.update(f"{it.id}\t{ref}\t{it.text}\n".encode("utf-8", "surrogatepass"))
-    return h.hexdigest()
 
 
 def merge_summaries(summaries: list[dict]) -> dict:
