@@ -214,7 +214,7 @@ def test_dino_norm_last_layer_off_trains_the_weight_norm():
     teacher_g = dino.teacher[1].last_layer.parametrizations.weight.original0
     assert not teacher_g.requires_grad
     views = [torch.randn(4, 3, 32, 32)] * 2 + [torch.randn(4, 3, 16, 16)] * 2
-    loss, _ = dino(views, step=5)  # past the frozen-last-layer steps
+    loss, _ = dino({"image": views}, step=5)  # past the frozen-last-layer steps
     loss.backward()
     assert g.grad is not None and float(g.grad.abs().sum()) > 0
     assert not _dino().head.last_layer.parametrizations.weight.original0.requires_grad  # default: fixed

@@ -434,7 +434,8 @@ def test_cli_usage_errors(cli, digit_folder, classifiers):
             "--forget-class",
             "one",
         ),
-        "not a classifier",
+        "does not exist",
+        "classifier.json",
     )
 
 
