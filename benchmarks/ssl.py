@@ -683,7 +683,7 @@ def build_contenders(name: str, args, budget) -> tuple[list[Contender], object, 
     opt = torch.optim.AdamW(method.param_groups(), lr=lr, weight_decay=wd)
 
     def cvfm_step(views, i, method=method, opt=opt):
-        loss, _ = method(views, i)
+        loss, _ = method({"image": views}, i)
         loss.backward()
         if method.clip_grad:
             nn.utils.clip_grad_norm_(method.parameters(), method.clip_grad)
