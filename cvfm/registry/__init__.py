@@ -19,6 +19,9 @@ Image-text models (`create_dual_encoder`) are `cvfm/tiny-clip`, `hf/<clip-like r
 and folders that hold one, among them a `PairedEncoder` (any image encoder + a dual's text half, as
 `pretrain --method clip --text-model` writes it); `create_encoder` on them returns their image tower.
 
+Promptable segmenters (`create_segmenter`: SAM, SAM-HQ) are `cvfm/tiny-sam`, `hf/<sam repo>` and the
+transformers folders that hold one.
+
 How it is built: `table.SOURCES` is the one table of sources (`source.Source`: how ids or folders are
 recognised, a loader per model kind, the `cvfm models` rows); `create` holds the doors that read it; one
 module per source family (`presets`, `timm_models`, `hf_models`, `open_clip_models`, `folders`) holds
@@ -31,6 +34,7 @@ from cvfm.registry.create import (
     create_dual_encoder,
     create_encoder,
     create_matcher,
+    create_segmenter,
     list_models,
 )
 from cvfm.registry.presets import PRESETS
@@ -42,5 +46,6 @@ __all__ = [
     "create_dual_encoder",
     "create_encoder",
     "create_matcher",
+    "create_segmenter",
     "list_models",
 ]

@@ -11,9 +11,10 @@ from cvfm.models.blip import Captioner, Matcher
 from cvfm.models.classifier import Classifier
 from cvfm.models.dual import DualEncoder
 from cvfm.models.encoder import Encoder
+from cvfm.models.segmenter import Segmenter
 from cvfm.registry.hints import suggest
 from cvfm.registry.presets import PREFIX as PRESET_PREFIX
-from cvfm.registry.source import CAPTIONER, CLASSIFIER, IMAGE, IMAGE_TEXT, MATCHER, Request, Source
+from cvfm.registry.source import CAPTIONER, CLASSIFIER, IMAGE, IMAGE_TEXT, MATCHER, SEGMENTER, Request, Source
 from cvfm.registry.table import SOURCES
 
 _A_KIND = {
@@ -22,6 +23,7 @@ _A_KIND = {
     CLASSIFIER: "a classifier",
     CAPTIONER: "a captioner",
     MATCHER: "a matcher",
+    SEGMENTER: "a segmenter",
 }
 
 
@@ -56,6 +58,12 @@ def create_matcher(model_id: str, *, pretrained: bool = True, trust_remote_code:
     """A BLIP image-text matcher (ITM + ITC heads): `cvfm/tiny-blip`, `hf/<repo>`
     (BlipForImageTextRetrieval) or a folder."""
     return _open(Request(MATCHER, model_id, _open, pretrained, trust_remote_code), model_id)
+
+
+def create_segmenter(model_id: str, *, pretrained: bool = True, trust_remote_code: bool = False) -> Segmenter:
+    """A promptable segmenter (SAM, SAM-HQ): `cvfm/tiny-sam`, `hf/<repo>` (e.g. hf/facebook/sam-vit-base)
+    or a folder (`save_pretrained`, a cvfm run)."""
+    return _open(Request(SEGMENTER, model_id, _open, pretrained, trust_remote_code), model_id)
 
 
 def list_models(pattern: str = "*", *, sources: tuple[str, ...] = ("cvfm",)) -> list[dict]:

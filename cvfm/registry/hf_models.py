@@ -1,7 +1,8 @@
 """transformers models: `hf/<repo-id>` ids and `save_pretrained` folders (config.json with "model_type").
 
 One loader per kind: a vision backbone (AutoModel; a CLIP-like model gives its image tower), an image-text
-model (CLIP, SigLIP, ...), and BLIP's captioner and matcher. Weights must match the architecture exactly.
+model (CLIP, SigLIP, ...), BLIP's captioner and matcher, and SAM-family segmenters. Weights must match the
+architecture exactly.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from cvfm.errors import CvfmError, UsageError
 from cvfm.models.blip import Captioner, Matcher
 from cvfm.models.dual import HFDualEncoder, is_dual_model
 from cvfm.models.encoder import Encoder, HFEncoder, check_loading_info, read_preprocess
+from cvfm.models.segmenter import Segmenter
 from cvfm.registry.hints import offline_hint
 from cvfm.registry.source import Request, config_json
 
@@ -51,6 +53,12 @@ def load_matcher(repo: str, request: Request) -> Matcher:
     from transformers import BlipForImageTextRetrieval
 
     return _blip(repo, request, BlipForImageTextRetrieval, Matcher)
+
+
+def load_segmenter(repo: str, request: Request) -> Segmenter:
+    """A SAM or SAM-HQ model (AutoModel: SamModel, SamHQModel), preprocessed as its SamProcessor does."""
+    model, preprocess = hf_model(repo, request)
+    return Segmenter(model, request.model_id, preprocess)
 
 
 def _blip(repo: str, request: Request, model_cls, face):

@@ -9,7 +9,18 @@ from cvfm.data.preprocess import Preprocess
 from cvfm.models.blip import Captioner, Matcher
 from cvfm.models.dual import HFDualEncoder
 from cvfm.models.encoder import Encoder
-from cvfm.registry.source import CAPTIONER, IMAGE, IMAGE_TEXT, MATCHER, Loader, Request, Source, image_tower
+from cvfm.models.segmenter import Segmenter
+from cvfm.registry.source import (
+    CAPTIONER,
+    IMAGE,
+    IMAGE_TEXT,
+    MATCHER,
+    SEGMENTER,
+    Loader,
+    Request,
+    Source,
+    image_tower,
+)
 from cvfm.registry.timm_models import timm_encoder
 
 PREFIX = "cvfm/"
@@ -88,11 +99,23 @@ def _tiny_blip(face):
     return load
 
 
+def _tiny_sam(ref: str, request: Request) -> Segmenter:
+    from cvfm.models.tiny_sam import PREPROCESS, build_tiny_sam
+
+    return Segmenter(build_tiny_sam(), request.model_id, PREPROCESS)
+
+
 def _preset(
-    model_id: str, kind: str, arch: str, description: str, loaders: dict[str, Loader], overrides: bool = False
+    model_id: str,
+    kind: str,
+    arch: str,
+    description: str,
+    loaders: dict[str, Loader],
+    overrides: bool = False,
+    input_size: int = 32,
 ) -> Source:
     """The table row of preset `model_id`; `kind` is its `cvfm models` kind column."""
-    row = {"id": model_id, "source": "cvfm", "arch": arch, "kind": kind, "input_size": 32}
+    row = {"id": model_id, "source": "cvfm", "arch": arch, "kind": kind, "input_size": input_size}
     row["description"] = description
     return Source(
         "cvfm", model_id, loaders, prefix=model_id, exact=True, overrides=overrides, listing=lambda _: [row]
@@ -122,5 +145,13 @@ SOURCES: tuple[Source, ...] = (
         "blip",
         "BLIP captioner and image-text matcher (ViT patch 8, BERT text, width 128), 32 px",
         {CAPTIONER: _tiny_blip(Captioner), MATCHER: _tiny_blip(Matcher)},
+    ),
+    _preset(
+        "cvfm/tiny-sam",
+        "segmenter",
+        "sam",
+        "promptable segmenter SamModel (ViT patch 8, width 48, 2 layers; 0.1M parameters), 128 px",
+        {SEGMENTER: _tiny_sam},
+        input_size=128,
     ),
 )

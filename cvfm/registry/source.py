@@ -16,6 +16,7 @@ IMAGE_TEXT = "image-text"  # a `DualEncoder`
 CLASSIFIER = "classifier"  # a `Classifier`
 CAPTIONER = "captioner"  # a BLIP `Captioner`
 MATCHER = "matcher"  # a BLIP `Matcher`
+SEGMENTER = "segmenter"  # a SAM-family `Segmenter`
 
 
 @dataclass(frozen=True)

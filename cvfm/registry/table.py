@@ -18,6 +18,7 @@ from cvfm.registry.source import (
     IMAGE,
     IMAGE_TEXT,
     MATCHER,
+    SEGMENTER,
     Source,
     image_tower,
     inside,
@@ -28,6 +29,7 @@ _HF = {
     IMAGE_TEXT: hf_models.load_dual,
     CAPTIONER: hf_models.load_captioner,
     MATCHER: hf_models.load_matcher,
+    SEGMENTER: hf_models.load_segmenter,
 }
 _OPEN_CLIP_ID = {IMAGE_TEXT: open_clip_models.load_id, IMAGE: image_tower(open_clip_models.load_id)}
 _OPEN_CLIP_FOLDER = {
@@ -71,7 +73,7 @@ SOURCES: tuple[Source, ...] = (
     Source(
         "folder",
         "a run folder with backbone/ (written by cvfm pretrain)",
-        {kind: inside("backbone") for kind in (IMAGE, IMAGE_TEXT, CAPTIONER, MATCHER)},
+        {kind: inside("backbone") for kind in (IMAGE, IMAGE_TEXT, CAPTIONER, MATCHER, SEGMENTER)},
         holds=lambda folder: (folder / "backbone").is_dir(),
     ),
     Source("folder", "a paired encoder (paired.json)", _PAIRED, holds=is_paired_folder),
