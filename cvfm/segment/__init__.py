@@ -1,0 +1,1 @@
+"""Segment Anything: automatic masks, prompts, mask formats and export over the `Segmenter` face."""
