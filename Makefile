@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo clip-demo unlearn-demo test test-all lint bench bench-embed bench-unlearn clean
+.PHONY: setup demo clip-demo unlearn-demo test test-slow test-all lint bench bench-embed bench-unlearn clean
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,9 @@ unlearn-demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
 
 test-all: setup
 	$(BIN)/python -m pytest -q -m ""

@@ -109,10 +109,11 @@ class TimmEncoder(Encoder):
         self.model, self.name, self.arch, self.model_args = model, name, arch, dict(model_args)
         self.num_features = int(model.num_features)
         self.preprocess = preprocess or _timm_preprocess(model)
-        # Conv nets (more than a ViT's patch embedding) run faster on NHWC input: oneDNN on CPU, tensor cores
-        # on GPU (1.3x a training step of cvfm/tiny-resnet on one CPU thread). Their weights are NHWC too, so
-        # the gradients come out in the weights' own layout and DDP's buckets take them without a copy (nor
-        # a "grad strides do not match bucket view strides" warning); saved files are contiguous.
+        # Conv nets (more than a ViT's patch embedding) can run faster on NHWC input: oneDNN on CPU, tensor
+        # cores on GPU (1.3x a training step of cvfm/tiny-resnet on one thread of the CPU of 2026-11-27, at
+        # parity on an AMD EPYC of 2026-12-01). Their weights are NHWC too, so the gradients come out in the
+        # weights' own layout and DDP's buckets take them without a copy (nor a "grad strides do not match
+        # bucket view strides" warning); saved files are contiguous.
         self.channels_last = sum(isinstance(m, nn.Conv2d) for m in model.modules()) > 1
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
