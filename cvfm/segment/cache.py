@@ -18,7 +18,7 @@ from cvfm.models.segmenter import ImageEmbedding, Segmenter
 
 
 class EmbeddingCache:
-    """`get(content)` and `put(content, embedding)` for one segmenter; `content`: the image bytes as stored."""
+    """`get(content)` and `put(content, embedding)` for one segmenter (`content`: the image bytes)."""
 
     def __init__(self, folder: str | Path, segmenter: Segmenter):
         self.folder = Path(folder)
