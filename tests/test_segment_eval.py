@@ -26,6 +26,17 @@ from cvfm.eval.segmentation import (
 )
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread(monkeypatch):
+    """One intra-op thread (OMP_NUM_THREADS makes the evaluation keep it): the click loop is hundreds of
+    tiny decodes, and on a small shared CPU a second thread waiting for a busy core made it 5-15x slower."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def rect(shape: tuple[int, int], rows: tuple[int, int], cols: tuple[int, int]) -> np.ndarray:
     """A boolean mask of `shape` with the rectangle rows[0]..rows[1], cols[0]..cols[1] (inclusive) set."""
     m = np.zeros(shape, dtype=bool)
