@@ -1,5 +1,4 @@
-"""`cvfm segment export`: Segment Anything from the command line (prompts, automatic masks, training and
-export come as subcommands of `cvfm segment`)."""
+"""`cvfm segment prompt|export`: Segment Anything from the command line over `cvfm.segment`."""
 
 from __future__ import annotations
 
@@ -15,6 +14,75 @@ app = typer.Typer(
 Model = typer.Argument(
     ..., help="Registry id or folder of a SAM model, e.g. cvfm/tiny-sam, hf/facebook/sam-vit-base."
 )
+
+
+@app.command("prompt")
+def prompt(
+    model: str = Model,
+    data: str = typer.Option(
+        None, "--data", "-d", help="Images: a folder, a JSONL manifest, builtin:<name>, hf:<dataset>."
+    ),
+    point: list[str] = typer.Option(
+        [], "--point", help="x,y[,label] in pixels of the image (label 1 foreground, 0 background); repeat."
+    ),
+    box: list[str] = typer.Option(
+        [], "--box", help="x0,y0,x1,y1 in pixels of the image; repeat for one mask each."
+    ),
+    prompts: str = typer.Option(
+        None, "--prompts", help="JSONL: one prompt per line for many images (see below)."
+    ),
+    multimask: bool = typer.Option(
+        None, "--multimask/--single", help="3 masks per prompt or one (default: 3 for one point alone)."
+    ),
+    output: str = typer.Option(
+        "-", "--output", "-o", help="A folder (PNG masks, masks.jsonl, overlay.png), or -."
+    ),
+    cache: str = typer.Option(None, "--cache", help="Keep image embeddings in this folder for later runs."),
+    split: str = typer.Option(None, "--split", help="Split of a dataset with several."),
+    precision: str = typer.Option(
+        "auto", "--precision", help="auto, fp32, bf16 or fp16 (auto: bf16 where native)."
+    ),
+    image_column: str = common.ImageColumn,
+    strict: bool = common.Strict,
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an output folder (default: finish it)."
+    ),
+    pretrained: bool = common.pretrained_option(True),
+    trust_remote_code: bool = common.TrustRemoteCode,
+) -> None:
+    """Masks for point and box prompts. Each image is embedded once for all its prompts. With -o -, one JSON
+    line per image and prompt: id, image, prompt, masks (segmentation as COCO RLE, area, bbox, predicted_iou,
+    stability_score; best first). A prompts file has lines like
+    {"image": "cat.jpg", "points": [[120, 80], [60, 40]], "labels": [1, 0], "box": [10, 12, 200, 180]}.
+
+    Examples:
+
+      cvfm segment prompt cvfm/tiny-sam --data photos/ --point 120,80 -o -
+
+      cvfm segment prompt hf/facebook/sam-vit-base --prompts prompts.jsonl -o masks/ --cache emb/
+    """
+    from cvfm.cli.output import emit
+    from cvfm.segment.prompt_run import segment_prompts
+
+    summary = segment_prompts(
+        model,
+        data,
+        output,
+        points=point,
+        boxes=box,
+        prompts=prompts,
+        multimask=multimask,
+        cache=cache,
+        split=split,
+        image_column=image_column,
+        precision=precision,
+        strict=strict,
+        overwrite=overwrite,
+        pretrained=pretrained,
+        trust_remote_code=trust_remote_code,
+    )
+    if output != "-":
+        emit(summary)
 
 
 @app.command("export")
