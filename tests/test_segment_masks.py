@@ -11,11 +11,10 @@ import torch
 from pycocotools import mask as mask_utils
 from torchvision.ops import nms as torchvision_nms
 
+from cvfm.data.instances import decode_mask, encode_masks
 from cvfm.segment.crops import crop_boxes, layer_grids, near_crop_edge, point_grid
 from cvfm.segment.masks import (
     clean_small_regions,
-    decode_rle,
-    encode_rle,
     mask_boxes,
     nms,
     remove_small_regions,
@@ -38,16 +37,16 @@ def _blobs(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
 
 def test_rle_round_trip_equals_pycocotools_on_odd_non_square_masks():
     masks = _blobs(4, 37, 53)
-    rles = encode_rle(masks)
+    rles = encode_masks(masks)
     theirs = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
     assert [r["counts"] for r in rles] == [t["counts"].decode() for t in theirs]
     assert all(r["size"] == [37, 53] and isinstance(r["counts"], str) for r in rles)
     json.dumps(rles)  # JSON-ready
     for mask, rle, their in zip(masks, rles, theirs, strict=True):
-        assert decode_rle(rle).dtype == bool and np.array_equal(decode_rle(rle), mask)
+        assert decode_mask(rle).dtype == bool and np.array_equal(decode_mask(rle), mask)
         assert np.array_equal(mask_utils.decode(rle), mask.astype(np.uint8))
         assert rle_area(rle) == int(mask_utils.area(their)) == int(mask.sum())
-    assert encode_rle(np.zeros((0, 5, 7), dtype=bool)) == []
+    assert encode_masks(np.zeros((0, 5, 7), dtype=bool)) == []
 
 
 def test_boxes_are_inclusive_and_xywh_is_one_short_of_pycocotools():
@@ -57,7 +56,7 @@ def test_boxes_are_inclusive_and_xywh_is_one_short_of_pycocotools():
     for mask, box in zip(masks[:-1], boxes.tolist()[:-1], strict=True):
         ys, xs = np.nonzero(mask)
         assert box == [xs.min(), ys.min(), xs.max(), ys.max()]
-        coco = mask_utils.toBbox(encode_rle(mask[None])[0]).tolist()
+        coco = mask_utils.toBbox(encode_masks(mask[None])[0]).tolist()
         assert xyxy_to_xywh(box) == [coco[0], coco[1], coco[2] - 1, coco[3] - 1]
     assert boxes[-1].tolist() == [0, 0, 0, 0]  # the empty mask
     one = np.zeros((1, 6, 9), dtype=bool)
@@ -137,14 +136,14 @@ def test_cleanup_rescores_by_nms_preferring_unchanged_masks():
     dirty = _hand_made_mask()  # cleans to `clean`: a duplicate after cleaning
     far = np.zeros((40, 50), dtype=bool)
     far[30:38, 30:45] = True
-    rles = encode_rle(np.stack([dirty, clean, far]))
+    rles = encode_masks(np.stack([dirty, clean, far]))
     keep, out, boxes = clean_small_regions(rles, 10, 0.7)
     assert keep.tolist() == [1, 2]  # unchanged masks (score 1) first; the changed duplicate is dropped
     assert out[1] is rles[1] and out[2] is rles[2]
-    assert np.array_equal(decode_rle(out[0]), clean)  # the changed mask re-encoded
+    assert np.array_equal(decode_mask(out[0]), clean)  # the changed mask re-encoded
     assert boxes.tolist() == [[5, 5, 25, 25], [5, 5, 25, 25], [30, 30, 44, 37]]
     keep, out, _ = clean_small_regions(rles[::2], 10, 0.7)
-    assert keep.tolist() == [1, 0] and np.array_equal(decode_rle(out[0]), clean)
+    assert keep.tolist() == [1, 0] and np.array_equal(decode_mask(out[0]), clean)
     assert clean_small_regions([], 10, 0.7)[0].tolist() == []
 
 

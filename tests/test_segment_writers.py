@@ -15,8 +15,9 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from cvfm.data.instances import encode_masks
 from cvfm.errors import CvfmError, UsageError
-from cvfm.segment.masks import encode_rle, mask_boxes, rle_area, xyxy_to_xywh
+from cvfm.segment.masks import mask_boxes, rle_area, xyxy_to_xywh
 from cvfm.segment.writers import COCO_FILE, open_writer, yolo_lines
 
 H, W = 101, 161
@@ -37,7 +38,7 @@ def _masks() -> np.ndarray:
 
 
 def _records(masks: np.ndarray) -> list[dict]:
-    rles = encode_rle(masks)
+    rles = encode_masks(masks)
     boxes = mask_boxes(torch.from_numpy(masks)).tolist()
     return [
         {

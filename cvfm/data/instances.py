@@ -19,10 +19,22 @@ from cvfm.data.items import UNLABELLED, DataError
 EXIF_ORIENTATION = 0x0112
 
 
+def encode_masks(masks: np.ndarray) -> list[dict]:
+    """Boolean (N, H, W) masks as COCO RLEs `{"size": [H, W], "counts": str}` (JSON-ready)."""
+    if len(masks) == 0:
+        return []
+    rles = mask_utils.encode(np.asfortranarray(np.asarray(masks).transpose(1, 2, 0), dtype=np.uint8))
+    return [{"size": [int(s) for s in r["size"]], "counts": _text(r["counts"])} for r in rles]
+
+
 def encode_mask(mask: np.ndarray) -> dict:
-    """A boolean (H, W) mask as a COCO RLE `{"size": [H, W], "counts": str}`."""
-    rle = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
-    return {"size": [int(s) for s in rle["size"]], "counts": _text(rle["counts"])}
+    """A boolean (H, W) mask as a COCO RLE."""
+    return encode_masks(np.asarray(mask)[None])[0]
+
+
+def decode_mask(rle: dict) -> np.ndarray:
+    """A COCO RLE as a boolean (H, W) mask."""
+    return mask_utils.decode(rle).astype(bool)
 
 
 def decode_masks(target: dict) -> np.ndarray:

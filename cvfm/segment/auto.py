@@ -27,12 +27,12 @@ import torch
 from PIL import Image
 from torchvision.ops import box_area
 
+from cvfm.data.instances import encode_masks
 from cvfm.errors import UsageError
 from cvfm.models.segmenter import ImageEmbedding, Segmenter
 from cvfm.segment.crops import crop_boxes, layer_grids, near_crop_edge
 from cvfm.segment.masks import (
     clean_small_regions,
-    encode_rle,
     mask_boxes,
     nms,
     rle_area,
@@ -193,7 +193,7 @@ def batch_candidates(
     whole[:, y0:y1, x0:x1] = masks
     n = len(masks)
     return Candidates(
-        rles=encode_rle(whole),
+        rles=encode_masks(whole),
         boxes=boxes[keep].cpu(),
         iou=iou[keep].float().cpu(),
         stability=stability[keep].cpu(),

@@ -1,6 +1,6 @@
 """Image embeddings kept between runs (`--cache DIR`): a second run of prompts on the same images skips the
-encoder. One safetensors file per (image content, model weights, preprocessing), named by the SHA-256 of
-the three; a file is written atomically and read back only when its metadata agrees.
+encoder. One safetensors file per (image content, encoder weights, preprocessing, precision), named by the
+SHA-256 of them; a file is written atomically and read back only when its metadata agrees.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from cvfm.models.segmenter import ImageEmbedding, Segmenter
 class EmbeddingCache:
     """`get(content)` and `put(content, embedding)` for one segmenter (`content`: the image bytes)."""
 
-    def __init__(self, folder: str | Path, segmenter: Segmenter):
+    def __init__(self, folder: str | Path, segmenter: Segmenter, precision: str = "fp32"):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.model_key = _model_key(segmenter)
+        self.model_key = _model_key(segmenter, precision)
         self.hits = self.misses = 0
 
     def _path(self, content: bytes) -> Path:
@@ -69,10 +69,10 @@ class EmbeddingCache:
         tmp.replace(path)
 
 
-def _model_key(segmenter: Segmenter) -> str:
-    """What an embedding depends on besides the image: the weights of the image encoder and the
-    preprocessing (a hash, so a retrained model never reads a stale embedding)."""
-    h = hashlib.sha256(json.dumps(asdict(segmenter.preprocess), sort_keys=True).encode())
+def _model_key(segmenter: Segmenter, precision: str) -> str:
+    """What an embedding depends on besides the image: the weights of the image encoder, the preprocessing
+    and the precision it ran at (a hash, so a retrained model never reads a stale embedding)."""
+    h = hashlib.sha256(json.dumps([asdict(segmenter.preprocess), precision], sort_keys=True).encode())
     for name, tensor in sorted(segmenter.model.vision_encoder.state_dict().items()):
         h.update(name.encode())
         h.update(tensor.detach().to(torch.float32).cpu().contiguous().numpy().tobytes())

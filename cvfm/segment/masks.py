@@ -16,20 +16,7 @@ import torch
 from pycocotools import mask as mask_utils
 from torchvision.ops import batched_nms, masks_to_boxes
 
-
-def encode_rle(masks: np.ndarray) -> list[dict]:
-    """(N, H, W) binary masks as COCO RLE dicts {"size": [H, W], "counts": str} (JSON-ready)."""
-    if len(masks) == 0:
-        return []
-    rles = mask_utils.encode(np.asfortranarray(np.asarray(masks).transpose(1, 2, 0), dtype=np.uint8))
-    for rle in rles:
-        rle["counts"] = rle["counts"].decode("ascii")
-    return rles
-
-
-def decode_rle(rle: dict) -> np.ndarray:
-    """A COCO RLE dict as an (H, W) bool mask."""
-    return mask_utils.decode(rle).astype(bool)
+from cvfm.data.instances import decode_mask, encode_masks
 
 
 def rle_area(rle: dict) -> int:
@@ -95,13 +82,28 @@ def clean_small_regions(
     the (N, 4) boxes of the cleaned masks."""
     out, boxes, unchanged = [], [], []
     for rle in rles:
-        mask, filled = remove_small_regions(decode_rle(rle), min_area, "holes")
+        mask, filled = remove_small_regions(decode_mask(rle), min_area, "holes")
         mask, cut = remove_small_regions(mask, min_area, "islands")
         same = not (filled or cut)
-        out.append(rle if same else encode_rle(mask[None])[0])
+        out.append(rle if same else encode_masks(mask[None])[0])
         boxes.append(mask_boxes(torch.from_numpy(mask)[None]))
         unchanged.append(float(same))
     if not rles:
         return torch.zeros(0, dtype=torch.long), [], torch.zeros(0, 4, dtype=torch.long)
     boxes = torch.cat(boxes)
     return nms(boxes, torch.tensor(unchanged), nms_threshold), out, boxes
+
+
+def mask_record(logits: torch.Tensor, mask: np.ndarray, predicted_iou: float) -> dict:
+    """The record of one predicted mask from its (H, W) logits and binary mask: segmentation (COCO RLE),
+    area, bbox (XYWH as amg.py), predicted_iou, stability_score (threshold 0, offset 1; None for a mask
+    whose looser version is empty too, where the reference's 0 / 0 gives NaN, not JSON)."""
+    box = mask_boxes(torch.from_numpy(mask)[None])[0].tolist()
+    stability = float(stability_score(logits.float(), 0.0, 1.0))
+    return {
+        "segmentation": encode_masks(mask[None])[0],
+        "area": int(mask.sum()),
+        "bbox": xyxy_to_xywh(box),
+        "predicted_iou": predicted_iou,
+        "stability_score": None if stability != stability else stability,
+    }

@@ -22,7 +22,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from cvfm.data.decode import DecodeError
 from cvfm.data.items import ImageSource, Item
+from cvfm.data.loader import SkipLog, Skipped
 from cvfm.data.sources import open_source
 from cvfm.errors import UsageError
 from cvfm.models.segmenter import ImageEmbedding, Segmenter
@@ -67,36 +69,38 @@ def segment_prompts(
     dev = torch.device(default_device(device))
     amp = resolve_precision(precision, dev)
     segmenter.eval().to(dev)
-    store = EmbeddingCache(cache, segmenter) if cache else None
+    store = EmbeddingCache(cache, segmenter, precision_name(amp)) if cache else None
     transform = segmenter.preprocess.transform()
     done = skipped = masks = 0
-    problems: list[dict] = []
-    for source, i, image_prompts in progress(jobs, desc="segment prompt", total=len(jobs)):
-        item = source.items[i]
-        target = None if folder is None else folder / _folder_name(item.id)
-        if target is not None and target.is_dir():
-            skipped += 1
-            continue
-        try:
-            image = source.load(i)
-        except Exception as e:  # a DecodeError or an unreadable file: counted, named, and the rest goes on
-            if strict:
-                raise
-            problems.append(
-                {"where": str(item.ref) if isinstance(item.ref, str) else item.id, "reason": str(e)}
-            )
-            continue
-        with torch.no_grad(), autocast(dev, amp):
-            embedding = _embedding(segmenter, image, transform, dev, store, source, i)
-            records = [_predict(segmenter, embedding, p, item) for p in image_prompts]
-        masks += sum(len(r["masks"]) for r, _ in records)
-        if target is None:
-            for record, _ in records:
-                sys.stdout.write(json.dumps(record) + "\n")
-            sys.stdout.flush()
-        else:
-            _write_image_folder(target, image, records)
-        done += 1
+    skips = SkipLog(strict)
+    with progress("segment prompt", total=len(jobs)) as advance:
+        for source, i, image_prompts in jobs:
+            item = source.items[i]
+            target = None if folder is None else folder / _folder_name(item.id)
+            if target is not None and target.is_dir():
+                skipped += 1
+                continue
+            try:
+                image = source.load(i)
+            except DecodeError as e:  # missing, corrupt or too large: named and counted (--strict: stop)
+                where = str(item.ref) if isinstance(item.ref, str) else item.id
+                skips.add([Skipped(i, where, str(e))])
+                continue
+            with torch.no_grad(), autocast(dev, amp):
+                embedding = _embedding(segmenter, image, transform, dev, store, source, i)
+                records = [_predict(segmenter, embedding, p, item) for p in image_prompts]
+            masks += sum(len(r["masks"]) for r, _ in records)
+            if target is None:
+                for record, _ in records:
+                    sys.stdout.write(json.dumps(record) + "\n")
+                sys.stdout.flush()
+            else:
+                _write_image_folder(target, image, records)
+            done += 1
+            advance(1)
+    if store is not None:
+        log(f"segment prompt: {store.hits} embedding(s) from the cache, {store.misses} computed")
+    problems = skips.as_list()
     if problems:
         log(f"segment prompt: skipped {len(problems)} unreadable image(s), first: {problems[0]['where']}")
     return {

@@ -30,9 +30,9 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from cvfm.data.instances import decode_mask
 from cvfm.errors import CvfmError, UsageError
 from cvfm.runtime.files import fsync_path, write_text
-from cvfm.segment.masks import decode_rle
 
 AMG_COLUMNS = (
     "id,area,bbox_x0,bbox_y0,bbox_w,bbox_h,point_input_x,point_input_y,predicted_iou,stability_score,"
@@ -87,7 +87,7 @@ class AmgWriter:
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
         try:
             for i, r in enumerate(records):
-                mask = decode_rle(r["segmentation"]).astype(np.uint8) * 255
+                mask = decode_mask(r["segmentation"]).astype(np.uint8) * 255
                 Image.fromarray(mask).save(tmp / f"{i}.png")
             (tmp / "metadata.csv").write_text(metadata_csv(records), encoding="utf-8")
             for f in tmp.iterdir():
@@ -168,7 +168,7 @@ def yolo_lines(records: list[dict], size: tuple[int, int]) -> list[str]:
     h, w = size
     lines = []
     for r in records:
-        polygon = yolo_polygon(decode_rle(r["segmentation"]))
+        polygon = yolo_polygon(decode_mask(r["segmentation"]))
         if polygon is not None:
             xy = polygon / np.array([w, h])
             lines.append(" ".join(["0", *(f"{v:.6f}" for v in xy.ravel())]))
