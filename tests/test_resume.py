@@ -315,3 +315,42 @@ def test_capfilt_killed_and_rerun_writes_the_same_lines(digit_folder, tmp_path):
     args = ["capfilt", "--in", pairs, "-n", "1", "--max-length", "10", "--min-length", "3"]
     args += ["--batch-size", "2", "--precision", "fp32"]
     _same_lines_after_a_kill(args, "--out", tmp_path, rows=32)
+
+
+@pytest.fixture(scope="module")
+def scene_folder(tmp_path_factory) -> Path:
+    """16 images of builtin:animal-scenes (test) as PNG files."""
+    from cvfm.data.sources import open_source
+
+    folder = tmp_path_factory.mktemp("scenes")
+    source = open_source("builtin:animal-scenes", split="test")
+    for i in range(16):
+        source.load(i).save(folder / f"scene_{i:02d}.png")
+    return folder
+
+
+AUTO = ["--points-per-side", "8", "--pred-iou-thresh", "0", "--stability-score-thresh", "0.5"]
+AUTO += ["--stability-score-offset", "0.05", "--precision", "fp32"]
+
+
+@pytest.mark.parametrize("fmt", ["amg", pytest.param("coco", marks=pytest.mark.slow)])
+def test_segment_auto_killed_and_rerun_writes_the_same_masks(scene_folder, tmp_path, fmt):
+    """Killed after its second image, the same command skips the finished ones and ends with the output
+    of an uninterrupted run, file for file."""
+    args = ["segment", "auto", "cvfm/tiny-sam", "--data", scene_folder, "--format", fmt, *AUTO]
+    cvfm(*args, "-o", tmp_path / "full")
+    out = tmp_path / "part"
+    if fmt == "amg":
+        finished = lambda: len([p for p in out.glob("scene_*") if p.is_dir()]) >= 2  # noqa: E731
+    else:
+        finished = lambda: (out / "instances.partial.jsonl").exists() and (  # noqa: E731
+            (out / "instances.partial.jsonl").read_bytes().count(b"\n") >= 2
+        )
+    interrupt([*args, "-o", out], finished, signal.SIGKILL, tmp_path / "killed.log")
+    assert not (out / "instances.json").exists()
+    cvfm(*args, "-o", out)
+    files = sorted(p.relative_to(tmp_path / "full") for p in (tmp_path / "full").rglob("*") if p.is_file())
+    assert len(files) >= (16 if fmt == "amg" else 1)
+    for rel in files:
+        assert (out / rel).read_bytes() == (tmp_path / "full" / rel).read_bytes(), rel
+    assert sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file()) == files  # no leftovers

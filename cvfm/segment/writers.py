@@ -14,6 +14,8 @@ folders, drops the extension); `size` its (H, W); `records` those of `generate_m
   fewer than 3 points.
 
 Every file (and each amg folder) appears whole, written atomically; an output that exists is refused.
+`done(name)` says whether an earlier, interrupted run finished image `name`, so a rerun goes on where it
+stopped (coco keeps the finished images in instances.partial.jsonl until `close()`).
 """
 
 from __future__ import annotations
@@ -39,10 +41,13 @@ AMG_COLUMNS = (
     "crop_box_x0,crop_box_y0,crop_box_w,crop_box_h"
 )
 COCO_FILE = "instances.json"
+PARTIAL_FILE = "instances.partial.jsonl"
 CATEGORY = {"id": 1, "name": "object", "supercategory": "object"}
 
 
 class MaskWriter(Protocol):
+    def done(self, name: str) -> bool: ...
+
     def add(self, name: str, size: tuple[int, int], records: list[dict]) -> None: ...
 
     def close(self) -> None: ...
@@ -81,9 +86,14 @@ class AmgWriter:
     def __init__(self, root: Path):
         self.root = root
 
+    def done(self, name: str) -> bool:
+        return (self.root / Path(name).with_suffix("")).is_dir()
+
     def add(self, name: str, size: tuple[int, int], records: list[dict]) -> None:
         folder = output_path(self.root, name, "")
         folder.parent.mkdir(parents=True, exist_ok=True)
+        for stale in folder.parent.glob(f".{folder.name}.*.tmp"):  # left by a run killed while writing it
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
         try:
             for i, r in enumerate(records):
@@ -108,6 +118,9 @@ class CocoRleWriter:
     def __init__(self, root: Path):
         self.root = root
 
+    def done(self, name: str) -> bool:
+        return (self.root / Path(name).with_suffix(".json")).is_file()
+
     def add(self, name: str, size: tuple[int, int], records: list[dict]) -> None:
         write_text(output_path(self.root, name, ".json"), json.dumps(records))
 
@@ -125,8 +138,22 @@ class CocoWriter:
         self.images: list[dict] = []
         self.annotations: list[dict] = []
         self.names: set[str] = set()
+        self.partial = root / PARTIAL_FILE  # the images finished so far, one JSON line each
+        for line in _whole_lines(self.partial):
+            self._add(line["name"], tuple(line["size"]), line["records"])
+
+    def done(self, name: str) -> bool:
+        return name in self.names
 
     def add(self, name: str, size: tuple[int, int], records: list[dict]) -> None:
+        self._add(name, size, records)
+        self.partial.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.partial, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"name": name, "size": list(size), "records": records}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _add(self, name: str, size: tuple[int, int], records: list[dict]) -> None:
         if name in self.names:
             raise CvfmError(f"image '{name}' given twice")
         self.names.add(name)
@@ -152,6 +179,27 @@ class CocoWriter:
 
     def close(self) -> None:
         write_text(self.path, json.dumps(self.dataset()))
+        self.partial.unlink(missing_ok=True)
+
+
+def _whole_lines(path: Path) -> list[dict]:
+    """The complete JSON lines of a file appended to line by line (a line cut by a kill is dropped)."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    lines, keep = [], 0
+    for raw in data.splitlines(keepends=True):
+        try:
+            if not raw.endswith(b"\n"):
+                raise ValueError("cut")
+            lines.append(json.loads(raw))
+        except ValueError:
+            break
+        keep += len(raw)
+    if keep < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+    return lines
 
 
 def yolo_polygon(mask: np.ndarray) -> np.ndarray | None:
@@ -180,6 +228,9 @@ class YoloWriter:
 
     def __init__(self, root: Path):
         self.root = root
+
+    def done(self, name: str) -> bool:
+        return (self.root / Path(name).with_suffix(".txt")).is_file()
 
     def add(self, name: str, size: tuple[int, int], records: list[dict]) -> None:
         lines = yolo_lines(records, size)

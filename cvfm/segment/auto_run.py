@@ -1,0 +1,139 @@
+"""`segment_auto`: automatic masks ("segment anything") for every image of a data source, written in one of
+the writers' formats, or as JSON lines on stdout.
+
+A run folder is resumable: an image whose output is complete is skipped, a half-written one is redone (the
+writers write each image atomically). Unreadable images are skipped, counted and named (`--strict`: stop).
+Images are decoded within cvfm's pixel limit (no decompression bombs) and resized by the model's own
+preprocessing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from cvfm.data.decode import DecodeError
+from cvfm.data.instances import decode_mask
+from cvfm.data.items import Item
+from cvfm.data.loader import SkipLog, Skipped
+from cvfm.data.sources import open_source
+from cvfm.errors import UsageError
+from cvfm.runtime.device import default_device
+from cvfm.runtime.precision import autocast, precision_name, resolve_precision
+from cvfm.runtime.progress import log, progress
+from cvfm.segment.auto import AutoSettings, generate_masks_batch
+from cvfm.segment.prompt_run import overlay
+from cvfm.segment.writers import FORMATS, open_writer
+
+OVERLAYS = "overlays"
+
+
+def segment_auto(
+    model: str,
+    data: str,
+    output: str,
+    *,
+    fmt: str = "amg",
+    settings: AutoSettings = AutoSettings(),
+    images_per_batch: int = 1,
+    overlays: bool = False,
+    split: str | None = None,
+    image_column: str = "image",
+    precision: str = "auto",
+    strict: bool = False,
+    overwrite: bool = False,
+    pretrained: bool = True,
+    trust_remote_code: bool = False,
+    device: str | None = None,
+) -> dict:
+    """Masks of every image of `data` into `output` (a folder, or "-" for one JSON line per image with its
+    `id`, `image` and `masks`); returns a summary."""
+    from cvfm.registry import create_segmenter
+
+    if fmt not in FORMATS:
+        raise UsageError(f"--format must be one of {', '.join(FORMATS)}, not '{fmt}'")
+    if images_per_batch < 1:
+        raise UsageError("--images-per-batch must be at least 1")
+    source = open_source(data, split=split, image_column=image_column, strict=strict)
+    writer = None if output == "-" else _writer(fmt, output, overwrite)
+    segmenter = create_segmenter(model, pretrained=pretrained, trust_remote_code=trust_remote_code)
+    dev = torch.device(default_device(device))
+    amp = resolve_precision(precision, dev)
+    segmenter.eval().to(dev)
+    names = [output_name(it) for it in source.items]
+    todo = [i for i in range(len(source)) if writer is None or not writer.done(names[i])]
+    skips, masks, done = SkipLog(strict), 0, 0
+    with progress("segment auto", total=len(todo)) as advance:
+        for start in range(0, len(todo), images_per_batch):
+            batch, images = [], []
+            for i in todo[start : start + images_per_batch]:
+                try:
+                    images.append(source.load(i))
+                    batch.append(i)
+                except DecodeError as e:
+                    item = source.items[i]
+                    skips.add([Skipped(i, str(item.ref) if isinstance(item.ref, str) else item.id, str(e))])
+            with autocast(dev, amp):
+                results = generate_masks_batch(segmenter, images, settings, crops_per_batch=images_per_batch)
+            for i, image, records in zip(batch, images, results, strict=True):
+                _write(writer, source.items[i], names[i], image, records, overlays, output)
+                masks += len(records)
+                done += 1
+            advance(len(todo[start : start + images_per_batch]))
+    if writer is not None:
+        writer.close()
+    problems = skips.as_list()
+    if problems:
+        log(f"segment auto: skipped {len(problems)} unreadable image(s), first: {problems[0]['where']}")
+    return {
+        "model": model,
+        "data": data,
+        "output": output,
+        "format": fmt if writer is not None else "jsonl",
+        "precision": precision_name(amp),
+        "images": done,
+        "already_done": len(source) - len(todo),
+        "masks": masks,
+        "skipped": problems,
+        "settings": asdict(settings),
+    }
+
+
+def output_name(item: Item) -> str:
+    """The relative name an image's output is written under: its id when that is a plain relative path
+    (a folder's files keep their sub-folders), else the id made safe for file names."""
+    name = item.id
+    parts = Path(name).parts
+    if not name or Path(name).is_absolute() or ".." in parts or re.search(r"[^\w./ -]", name):
+        name = re.sub(r"[^\w.-]+", "_", name).strip("._") or "image"
+    return name
+
+
+def _writer(fmt: str, output: str, overwrite: bool):
+    root = Path(output)
+    if root.exists() and not root.is_dir():
+        raise UsageError(f"output '{output}' is a file: automatic masks go to a folder (or - for JSON lines)")
+    if overwrite and root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    return open_writer(fmt, root)
+
+
+def _write(writer, item: Item, name: str, image, records: list[dict], overlays: bool, output: str) -> None:
+    if writer is None:
+        where = item.ref if isinstance(item.ref, str) else item.id
+        sys.stdout.write(json.dumps({"id": item.id, "image": where, "masks": records}) + "\n")
+        sys.stdout.flush()
+        return
+    if overlays:  # before the masks: an image counts as done once its masks are written
+        path = Path(output) / OVERLAYS / Path(name).with_suffix(".png")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shown = [({"prompt": {}}, decode_mask(r["segmentation"])[None]) for r in records]
+        overlay(image, shown).save(path)
+    writer.add(name, (image.height, image.width), records)
