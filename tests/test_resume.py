@@ -340,12 +340,13 @@ def test_segment_auto_killed_and_rerun_writes_the_same_masks(scene_folder, tmp_p
     args = ["segment", "auto", "cvfm/tiny-sam", "--data", scene_folder, "--format", fmt, *AUTO]
     cvfm(*args, "-o", tmp_path / "full")
     out = tmp_path / "part"
-    if fmt == "amg":
-        finished = lambda: len([p for p in out.glob("scene_*") if p.is_dir()]) >= 2  # noqa: E731
-    else:
-        finished = lambda: (out / "instances.partial.jsonl").exists() and (  # noqa: E731
-            (out / "instances.partial.jsonl").read_bytes().count(b"\n") >= 2
-        )
+    partial = out / "instances.partial.jsonl"
+
+    def finished() -> bool:  # two images written
+        if fmt == "amg":
+            return len([p for p in out.glob("scene_*") if p.is_dir()]) >= 2
+        return partial.exists() and partial.read_bytes().count(b"\n") >= 2
+
     interrupt([*args, "-o", out], finished, signal.SIGKILL, tmp_path / "killed.log")
     assert not (out / "instances.json").exists()
     cvfm(*args, "-o", out)

@@ -87,11 +87,12 @@ def test_a_prompts_file_from_excel_embeds_each_image_once(cli, photos, monkeypat
     assert [len(r["masks"]) for r in single] == [1, 1, 1]
 
 
-def test_the_cache_skips_the_encoder_and_changes_nothing(cli, photos, monkeypatch, tmp_path):
+@pytest.mark.parametrize("model", ["cvfm/tiny-sam", "cvfm/tiny-sam2"])
+def test_the_cache_skips_the_encoder_and_changes_nothing(cli, photos, monkeypatch, tmp_path, model):
     args = (
         "segment",
         "prompt",
-        "cvfm/tiny-sam",
+        model,
         "--data",
         photos,
         "--box",

@@ -173,3 +173,53 @@ def test_clear_errors(tiny):
         tiny.decode(emb.select(0), points=torch.tensor([[1.0, 1.0]]))
     with pytest.raises(UsageError, match="not a segmenter"):
         create_segmenter("cvfm/tiny-resnet")
+
+
+def _sam2_processor():
+    from transformers import Sam2ImageProcessor, Sam2Processor
+
+    return Sam2Processor(image_processor=Sam2ImageProcessor(size={"height": SIZE, "width": SIZE}))
+
+
+@pytest.fixture(scope="module")
+def tiny2():
+    return create_segmenter("cvfm/tiny-sam2")
+
+
+@pytest.mark.parametrize(("w", "h"), SIZES[:2])
+def test_sam2_preprocessing_is_sam2_processors(tiny2, w, h):
+    proc = _sam2_processor()
+    assert from_transformers(proc.image_processor) == tiny2.preprocess
+    photo = _photo(w, h, seed=4)
+    assert torch.equal(
+        tiny2.preprocess.transform()(photo), proc(images=photo, return_tensors="pt")["pixel_values"][0]
+    )
+
+
+@pytest.mark.parametrize("case", list(PROMPTS))
+def test_sam2_masks_and_scores_equal_the_transformers_model(tiny2, case):
+    p, (w, h) = PROMPTS[case], SIZES[0]
+    multimask = p.get("multimask", True)
+    photo, proc = _photo(w, h, seed=5), _sam2_processor()
+    kwargs = {}
+    if "points" in p:
+        kwargs.update(input_points=[p["points"]], input_labels=[p["labels"]])
+    if "boxes" in p:
+        kwargs.update(input_boxes=[p["boxes"]])
+    inputs = proc(images=photo, return_tensors="pt", **kwargs)
+    with torch.no_grad():
+        ref = tiny2.model(**inputs, multimask_output=multimask)
+        masks_ref = proc.post_process_masks(ref.pred_masks, inputs["original_sizes"], binarize=False)[0]
+        emb = tiny2.embed_image(tiny2.preprocess.transform()(photo)[None], [(h, w)])
+        pred = tiny2.decode(
+            emb,
+            points=torch.tensor(p["points"]) if "points" in p else None,
+            labels=torch.tensor(p["labels"]) if "labels" in p else None,
+            boxes=torch.tensor(p["boxes"]) if "boxes" in p else None,
+            multimask=multimask,
+        )
+        logits = tiny2.upscale(pred.low_res_logits, emb)
+    torch.testing.assert_close(pred.iou, ref.iou_scores[0], rtol=0, atol=TOL)
+    torch.testing.assert_close(pred.low_res_logits, ref.pred_masks[0], rtol=0, atol=TOL)
+    torch.testing.assert_close(logits, masks_ref, rtol=0, atol=TOL)
+    assert ref.pred_masks.abs().max() > 100 * TOL

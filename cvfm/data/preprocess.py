@@ -208,7 +208,7 @@ def from_transformers(proc) -> Preprocess:
     special = {getattr(transformers, n, None): n for n in _SPECIAL_PROCESSORS}
     kind = special.get(type(proc))
     own_steps = [step for step in _PIPELINE_STEPS if getattr(type(proc), step) is not getattr(backend, step)]
-    if kind is None and own_steps:
+    if kind is None and own_steps and name not in _GENERIC_FOR_IMAGES:
         raise unsupported(
             f"its own {', '.join(own_steps)}; cvfm follows transformers' generic pipeline (CLIP, SigLIP, "
             "BLIP, BiT, ViT, ...) and the DINOv3, SAM and ConvNeXt processors"
@@ -260,6 +260,9 @@ def _geometry(kind: str, proc, unsupported) -> tuple[str, int, int]:
 
 
 _SPECIAL_PROCESSORS = ("DINOv3ViTImageProcessor", "SamImageProcessor", "ConvNextImageProcessor")
+# Processors whose own steps only add segmentation maps around the generic pipeline (images go through it
+# unchanged): SAM 2's squashes to its square input.
+_GENERIC_FOR_IMAGES = ("Sam2ImageProcessor",)
 # A processor that overrides none of these steps runs transformers' generic pipeline.
 _PIPELINE_STEPS = (
     "preprocess",

@@ -1,11 +1,15 @@
-"""One face for promptable segmenters (SAM and SAM-HQ through transformers): embed each image once, then
-decode any number of prompts against its embedding, as segment-anything's `SamPredictor` does.
+"""One face for promptable segmenters (SAM, SAM-HQ and SAM 2 through transformers): embed each image once,
+then decode any number of prompts against its embedding, as segment-anything's `SamPredictor` does.
 
 Prompts are in pixels of the original image, (x, y), like the predictor's. The face maps them into the
-model's input frame exactly as transformers' `SamProcessor` does (the longest side resized to the input
-size, the short side rounded half up, the rest padded) and maps the predicted masks back as its
-`post_process_masks` does: the low-resolution logits upsampled to the padded input, the padding cropped,
-then resized to the original size (bilinear, not aligned corners).
+model's input frame exactly as the model's own processor does, and maps the predicted masks back as its
+`post_process_masks` does:
+  SAM, SAM-HQ  (SamProcessor) the longest side resized to the input size, the short side rounded half up,
+               the rest padded; masks: the low-resolution logits upsampled to the padded input, the
+               padding cropped, then resized to the original size
+  SAM 2        (Sam2Processor) the image squashed to the square input; masks: the low-resolution logits
+               resized to the original size
+(resizes bilinear, corners not aligned). SAM 2's embedding is its list of feature levels.
 """
 
 from __future__ import annotations
@@ -22,14 +26,14 @@ from cvfm.data.preprocess import Preprocess
 from cvfm.errors import CvfmError
 from cvfm.models.encoder import PREPROCESS_FILE
 
-FAMILIES = ("sam", "sam_hq")  # transformers model_type
+FAMILIES = {"sam": "longest", "sam_hq": "longest", "sam2": "squash"}  # model_type: its processor's resize
 
 
 @dataclass
 class ImageEmbedding:
     """The encoder's output for a batch of images, with each image's original and resized (H, W)."""
 
-    features: torch.Tensor  # (B, C, h, w)
+    features: torch.Tensor | list[torch.Tensor]  # (B, C, h, w); SAM 2: one per feature level
     original_sizes: list[tuple[int, int]]
     input_sizes: list[tuple[int, int]]
     intermediate: list[torch.Tensor] | None = None  # SAM-HQ: the encoder's early features
@@ -37,10 +41,19 @@ class ImageEmbedding:
     def __len__(self) -> int:
         return len(self.original_sizes)
 
+    def to(self, device: torch.device | str) -> ImageEmbedding:
+        move = lambda ts: None if ts is None else [t.to(device) for t in ts]  # noqa: E731
+        features = move(self.features) if isinstance(self.features, list) else self.features.to(device)
+        return ImageEmbedding(features, self.original_sizes, self.input_sizes, move(self.intermediate))
+
     def select(self, i: int) -> ImageEmbedding:
         """Image i alone."""
         inter = None if self.intermediate is None else [t[i : i + 1] for t in self.intermediate]
-        one = self.features[i : i + 1]
+        one = (
+            [t[i : i + 1] for t in self.features]
+            if isinstance(self.features, list)
+            else self.features[i : i + 1]
+        )
         return ImageEmbedding(one, [self.original_sizes[i]], [self.input_sizes[i]], inter)
 
 
@@ -60,10 +73,13 @@ class Segmenter(nn.Module):
         super().__init__()
         family = getattr(model.config, "model_type", None)
         if family not in FAMILIES:
-            raise CvfmError(f"'{name}' is a {type(model).__name__}, not a SAM or SAM-HQ model")
+            raise CvfmError(f"'{name}' is a {type(model).__name__}, not a SAM, SAM-HQ or SAM 2 model")
         self.model, self.name, self.family, self.preprocess = model, name, family, preprocess
-        if preprocess.resize_mode != "longest":
-            raise CvfmError(f"'{name}' must resize the longest side then pad, not '{preprocess.resize_mode}'")
+        if preprocess.resize_mode != FAMILIES[family]:
+            raise CvfmError(
+                f"'{name}' ({family}) must be preprocessed with resize_mode '{FAMILIES[family]}', not "
+                f"'{preprocess.resize_mode}'"
+            )
 
     @property
     def input_size(self) -> int:
@@ -71,6 +87,8 @@ class Segmenter(nn.Module):
 
     def input_shape(self, original: tuple[int, int]) -> tuple[int, int]:
         """The (H, W) of an original (H, W) image resized for the model, before padding (as SamProcessor)."""
+        if self.family == "sam2":
+            return self.input_size, self.input_size
         h, w = original
         scale = self.input_size / max(h, w)
         return int(h * scale + 0.5), int(w * scale + 0.5)
@@ -79,12 +97,14 @@ class Segmenter(nn.Module):
         """Embed preprocessed images (B, 3, S, S) whose originals were `original_sizes` (H, W)."""
         if pixels.shape[0] != len(original_sizes):
             raise CvfmError(f"{pixels.shape[0]} images but {len(original_sizes)} original sizes")
-        out = self.model.vision_encoder(pixels)
         sizes = [tuple(map(int, s)) for s in original_sizes]
-        inter = None
-        if self.family == "sam_hq":
-            inter = list(out[1])
-        return ImageEmbedding(out[0], sizes, [self.input_shape(s) for s in sizes], inter)
+        inputs = [self.input_shape(s) for s in sizes]
+        if self.family == "sam2":  # transformers wraps it in no_grad: call the function itself (training)
+            levels = type(self.model).get_image_embeddings.__wrapped__(self.model, pixels)
+            return ImageEmbedding(list(levels), sizes, inputs)
+        out = self.model.vision_encoder(pixels)
+        inter = list(out[1]) if self.family == "sam_hq" else None
+        return ImageEmbedding(out[0], sizes, inputs, inter)
 
     def to_input(self, xy: torch.Tensor, original: tuple[int, int]) -> torch.Tensor:
         """(..., 2) x, y pixels of the original image in the model's input frame."""
@@ -111,7 +131,9 @@ class Segmenter(nn.Module):
         if points is None and boxes is None and mask_input is None:
             raise CvfmError("give at least one prompt: points, boxes or a mask")
         original = embedding.original_sizes[0]
-        device = embedding.features.device
+        device = (
+            embedding.features[0] if isinstance(embedding.features, list) else embedding.features
+        ).device
         kwargs = {"image_embeddings": embedding.features, "multimask_output": multimask}
         if points is not None:
             if labels is None:
@@ -136,6 +158,8 @@ class Segmenter(nn.Module):
         """(P, M, h, w) low-res logits of the one image of `embedding` as (P, M, H, W) logits of its
         original size (threshold at 0 for the masks)."""
         (new_h, new_w), original = embedding.input_sizes[0], embedding.original_sizes[0]
+        if self.family == "sam2":
+            return F.interpolate(low_res_logits.float(), original, mode="bilinear", align_corners=False)
         size = (self.input_size, self.input_size)
         x = F.interpolate(low_res_logits.float(), size, mode="bilinear", align_corners=False)
         x = x[..., :new_h, :new_w]

@@ -64,3 +64,62 @@ def build_tiny_sam(seed: int = 0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return SamModel(tiny_sam_config()).eval()
+
+
+# `cvfm/tiny-sam2`: SAM 2 (Hiera backbone, 3 feature levels) at 128 px, squashed like Sam2Processor does.
+PREPROCESS_SAM2 = Preprocess(
+    size=SIZE,
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
+    interpolation="bilinear",
+    resize_mode="squash",
+    library="transformers",
+)
+
+
+def tiny_sam2_config():
+    from transformers import Sam2Config
+
+    hiera = {
+        "model_type": "sam2_hiera_det_model",
+        "image_size": [SIZE, SIZE],
+        "hidden_size": 16,
+        "blocks_per_stage": [1, 2, 2, 1],
+        "embed_dim_per_stage": [16, 32, 64, 128],
+        "num_attention_heads_per_stage": [1, 1, 2, 2],
+        "window_size_per_stage": [4, 4, 4, 4],
+        "global_attention_blocks": [4],  # not a stage's first block: those pool queries in windows
+        "window_positional_embedding_background_size": [2, 2],
+        "initializer_range": INIT,
+    }
+    return Sam2Config(
+        vision_config={
+            "backbone_config": hiera,
+            "backbone_channel_list": [128, 64, 32, 16],
+            "backbone_feature_sizes": [[32, 32], [16, 16], [8, 8]],
+            "fpn_hidden_size": 32,
+            "initializer_range": INIT,
+        },
+        prompt_encoder_config={
+            "hidden_size": 32,
+            "image_size": SIZE,
+            "patch_size": 16,
+            "mask_input_channels": 8,
+        },
+        mask_decoder_config={
+            "hidden_size": 32,
+            "mlp_dim": 64,
+            "num_attention_heads": 2,
+            "iou_head_hidden_dim": 32,
+        },
+        initializer_range=INIT,
+    )
+
+
+def build_tiny_sam2(seed: int = 0):
+    """The Sam2Model, its weights a function of `seed` only."""
+    from transformers import Sam2Model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Sam2Model(tiny_sam2_config()).eval()

@@ -105,6 +105,12 @@ def _tiny_sam(ref: str, request: Request) -> Segmenter:
     return Segmenter(build_tiny_sam(), request.model_id, PREPROCESS)
 
 
+def _tiny_sam2(ref: str, request: Request) -> Segmenter:
+    from cvfm.models.tiny_sam import PREPROCESS_SAM2, build_tiny_sam2
+
+    return Segmenter(build_tiny_sam2(), request.model_id, PREPROCESS_SAM2)
+
+
 def _preset(
     model_id: str,
     kind: str,
@@ -152,6 +158,14 @@ SOURCES: tuple[Source, ...] = (
         "sam",
         "promptable segmenter SamModel (ViT patch 8, width 48, 2 layers; 0.1M parameters), 128 px",
         {SEGMENTER: _tiny_sam},
+        input_size=128,
+    ),
+    _preset(
+        "cvfm/tiny-sam2",
+        "segmenter",
+        "sam2",
+        "promptable segmenter Sam2Model (Hiera widths 16-128, 6 blocks; 0.4M parameters), 128 px",
+        {SEGMENTER: _tiny_sam2},
         input_size=128,
     ),
 )

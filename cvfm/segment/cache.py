@@ -44,8 +44,10 @@ class EmbeddingCache:
             return None
         self.hits += 1
         inter = [tensors[f"intermediate.{i}"] for i in range(int(meta.get("intermediate", 0)))]
+        levels = int(meta.get("levels", 0))  # SAM 2: a list of feature levels
+        features = [tensors[f"features.{i}"] for i in range(levels)] if levels else tensors["features"]
         return ImageEmbedding(
-            tensors["features"],
+            features,
             [tuple(json.loads(meta["original_size"]))],
             [tuple(json.loads(meta["input_size"]))],
             inter or None,
@@ -55,7 +57,11 @@ class EmbeddingCache:
         """Keep the embedding of one image."""
         path = self._path(content)
         path.parent.mkdir(exist_ok=True)
-        tensors = {"features": embedding.features.detach().cpu().contiguous()}
+        features = embedding.features
+        if isinstance(features, list):
+            tensors = {f"features.{i}": t.detach().cpu().contiguous() for i, t in enumerate(features)}
+        else:
+            tensors = {"features": features.detach().cpu().contiguous()}
         for i, t in enumerate(embedding.intermediate or []):
             tensors[f"intermediate.{i}"] = t.detach().cpu().contiguous()
         meta = {
@@ -63,6 +69,7 @@ class EmbeddingCache:
             "original_size": json.dumps(list(embedding.original_sizes[0])),
             "input_size": json.dumps(list(embedding.input_sizes[0])),
             "intermediate": str(len(embedding.intermediate or [])),
+            "levels": str(len(features) if isinstance(features, list) else 0),
         }
         tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, str(tmp), metadata=meta)

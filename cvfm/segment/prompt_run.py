@@ -153,12 +153,7 @@ def _embedding(segmenter, image, transform, device, store, source, i) -> ImageEm
     if content is not None:
         found = store.get(content)
         if found is not None:
-            return ImageEmbedding(
-                found.features.to(device),
-                found.original_sizes,
-                found.input_sizes,
-                None if found.intermediate is None else [t.to(device) for t in found.intermediate],
-            )
+            return found.to(device)
     embedding = segmenter.embed_image(transform(image)[None].to(device), [size])
     if content is not None:
         store.put(content, embedding)
