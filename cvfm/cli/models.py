@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+
 import typer
 
 from cvfm.registry import list_models
+
+PIPED_WIDTH = 200  # columns of the table when stdout is not a terminal
 
 
 def models(
@@ -46,7 +50,8 @@ def models(
     table.columns[0].no_wrap = True  # ids are copied into commands: never fold them
     for r in rows:
         table.add_row(r["id"], r["source"], r["kind"], str(r["input_size"] or ""), r["description"])
-    Console().print(table)
+    # Off a terminal (a pipe, a CI log) keep each row on its line, as --help does.
+    Console(width=None if sys.stdout.isatty() else PIPED_WIDTH).print(table)
 
 
 def register(app: typer.Typer) -> None:

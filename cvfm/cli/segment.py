@@ -189,7 +189,7 @@ def export(
 ) -> None:
     """Export both halves of a SAM: the image encoder (encoder.onnx) and the prompt encoder + mask decoder
     with any number of points (decoder.onnx: 3 masks per prompt; decoder_single.onnx: one), with
-    sam_onnx.json describing the inputs. Needs `pip install cvfm[onnx]`.
+    sam_onnx.json describing the inputs. Needs onnx and onnxscript (cvfm's "onnx" extra).
 
     Examples:
 
