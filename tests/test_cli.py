@@ -671,3 +671,8 @@ def test_models_lists_timm_architectures(cli):
     rows = [json.loads(line) for line in cli("models", "timm/resnet18*", "--timm", "--json").lines]
     assert {"timm/resnet18", "timm/resnet18d"} <= {r["id"] for r in rows}
     assert all(r["source"] == "timm" for r in rows)
+
+
+def test_models_table_keeps_each_row_on_one_line_when_piped(cli):
+    lines = cli("models").out.splitlines()
+    assert any("cvfm/tiny-sam2" in line and "128 px" in line for line in lines)
