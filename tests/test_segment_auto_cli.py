@@ -12,8 +12,8 @@ from clitools import assert_usage_error, one_json_line
 from PIL import Image
 from pycocotools.coco import COCO
 
+from cvfm.models.amg import AutoSettings, generate_masks
 from cvfm.registry import create_segmenter
-from cvfm.segment.auto import AutoSettings, generate_masks
 
 # Thresholds a random tiny-sam passes (its logits are ~1e-2): the records' structure, not their quality.
 KNOBS = ["--points-per-side", "6", "--pred-iou-thresh", "0", "--stability-score-thresh", "0.5"]

@@ -140,7 +140,7 @@ def auto(
       cvfm segment auto hf/facebook/sam-vit-base --data photos/ -o coco/ --format coco --crop-n-layers 1
     """
     from cvfm.cli.output import emit
-    from cvfm.segment.auto import AutoSettings
+    from cvfm.models.amg import AutoSettings
     from cvfm.segment.auto_run import segment_auto
 
     settings = AutoSettings(

@@ -24,10 +24,10 @@ from cvfm.data.items import Item
 from cvfm.data.loader import SkipLog, Skipped
 from cvfm.data.sources import open_source
 from cvfm.errors import UsageError
+from cvfm.models.amg import AutoSettings, generate_masks_batch
 from cvfm.runtime.device import default_device
 from cvfm.runtime.precision import autocast, precision_name, resolve_precision
 from cvfm.runtime.progress import log, progress
-from cvfm.segment.auto import AutoSettings, generate_masks_batch
 from cvfm.segment.prompt_run import overlay
 from cvfm.segment.writers import FORMATS, open_writer
 

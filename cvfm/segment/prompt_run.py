@@ -27,12 +27,12 @@ from cvfm.data.items import ImageSource, Item
 from cvfm.data.loader import SkipLog, Skipped
 from cvfm.data.sources import open_source
 from cvfm.errors import UsageError
+from cvfm.models.amg.masks import mask_record
 from cvfm.models.segmenter import ImageEmbedding, Segmenter
 from cvfm.runtime.device import default_device
 from cvfm.runtime.precision import autocast, precision_name, resolve_precision
 from cvfm.runtime.progress import log, progress
 from cvfm.segment.cache import EmbeddingCache
-from cvfm.segment.masks import mask_record
 from cvfm.segment.prompts import Prompt, flag_prompts, read_prompts
 
 COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
