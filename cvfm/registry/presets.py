@@ -7,11 +7,13 @@ from dataclasses import dataclass, field
 
 from cvfm.data.preprocess import Preprocess
 from cvfm.models.blip import Captioner, Matcher
+from cvfm.models.detector import Detector
 from cvfm.models.dual import HFDualEncoder
 from cvfm.models.encoder import Encoder
 from cvfm.models.segmenter import Segmenter
 from cvfm.registry.source import (
     CAPTIONER,
+    DETECTOR,
     IMAGE,
     IMAGE_TEXT,
     MATCHER,
@@ -105,6 +107,12 @@ def _tiny_sam(ref: str, request: Request) -> Segmenter:
     return Segmenter(build_tiny_sam(), request.model_id, PREPROCESS)
 
 
+def _tiny_owlv2(ref: str, request: Request) -> Detector:
+    from cvfm.models.tiny_owl import build_tiny_owlv2
+
+    return Detector(*build_tiny_owlv2(), request.model_id)
+
+
 def _preset(
     model_id: str,
     kind: str,
@@ -153,5 +161,13 @@ SOURCES: tuple[Source, ...] = (
         "promptable segmenter SamModel (ViT patch 8, width 48, 2 layers; 0.1M parameters), 128 px",
         {SEGMENTER: _tiny_sam},
         input_size=128,
+    ),
+    _preset(
+        "cvfm/tiny-owlv2",
+        "detector",
+        "owlv2",
+        "open-vocabulary detector Owlv2ForObjectDetection (ViT patch 8, width 32, 1 layer; CLIP text), 64 px",
+        {DETECTOR: _tiny_owlv2},
+        input_size=64,
     ),
 )
