@@ -4,7 +4,8 @@ boxes in pixels of the original image, as the model's own processor prepares the
 post-processes the outputs (`post_process_grounded_object_detection`).
 
 OWL models score every text against every box in one pass and give each box its best text. Grounding DINO
-reads the texts as one caption; to label each box with one of the texts, each text gets its own pass.
+reads the texts as one caption; to label each box with one of the texts, each text gets its own pass, as a
+one-label caption (its processor lower-cases it and ends it with a dot: "a cat" -> "a cat.").
 """
 
 from __future__ import annotations

@@ -10,8 +10,9 @@ model or by an open-vocabulary detector.
   softmax, over masks instead of classes). Kept: masks scoring at least `threshold`, at most `top_k`
   (default 1 without a threshold), best first.
 - detector: an open-vocabulary detector (OWL-ViT, OWLv2, Grounding DINO) finds the text's boxes scored
-  above `box_threshold`; each box, clipped to the image, prompts SAM for one mask. `score` is the
-  detector's, `box` the prompt; at most `top_k` (default all), best first.
+  above `box_threshold`; each box, clipped to the image, prompts SAM for one mask (a box wholly outside
+  the image, in OWLv2's padding, is dropped). `score` is the detector's, `box` the prompt; at most
+  `top_k` (default all), best first.
 
 One record per (image, text): `id`, `image`, `text`, `strategy`, and `masks`, each with `segmentation`
 (COCO RLE), `area`, `bbox` (XYWH), `predicted_iou`, `stability_score` and `score`; written as JSON lines
@@ -177,16 +178,18 @@ def detected_masks(
     box_threshold: float | None,
     top_k: int | None,
 ) -> list[list[dict]]:
-    """For each text, a SAM mask for each of the detector's boxes (clipped to the image), best box first."""
+    """For each text, a SAM mask for each of the detector's boxes clipped to the image (those left empty
+    dropped), best box first."""
     found = detector.detect(image, texts, box_threshold)
     h, w = image.height, image.width
     boxes = found.boxes.clamp(min=0).minimum(torch.tensor([w, h, w, h], dtype=found.boxes.dtype))
+    inside = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # OWLv2 also sees the padding
     device = next(segmenter.parameters()).device
     pixels = segmenter.preprocess.transform()(image.convert("RGB"))[None].to(device)
     embedding = segmenter.embed_image(pixels, [(h, w)])
     out = []
     for t in range(len(texts)):
-        index = torch.nonzero(found.labels == t).flatten()[:top_k]
+        index = torch.nonzero((found.labels == t) & inside).flatten()[:top_k]
         if not len(index):
             out.append([])
             continue
