@@ -98,3 +98,14 @@ def test_usage_errors(cli, photos, tmp_path):
         cli(*base, "--points-per-side", "2", "--crop-n-layers", "2", "--crop-n-points-downscale-factor", "4"),
         "leaves no points",
     )
+
+
+def test_generator_options_default_to_the_reference_settings():
+    from dataclasses import fields
+
+    from cvfm.cli.common import AUTO_OPTIONS
+
+    reference = {
+        f.name: getattr(AutoSettings(), f.name) for f in fields(AutoSettings) if f.name != "mask_threshold"
+    }
+    assert {name: option.default for name, (_, option) in AUTO_OPTIONS.items()} == reference

@@ -110,6 +110,7 @@ def segment_text(
 class MaskScorer:
     """An image-text model scoring masks of an image against fixed texts (see the module docstring)."""
 
+    @torch.no_grad()
     def __init__(self, dual: DualEncoder, texts: list[str]):
         self.dual = dual
         device = next(dual.parameters()).device
