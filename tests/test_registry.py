@@ -301,7 +301,14 @@ def test_timm_arch_without_weights_builds_offline(x):
 
 def test_list_models():
     ids = [r["id"] for r in list_models("cvfm/*")]
-    assert ids == ["cvfm/pixels", *PRESETS, "cvfm/tiny-clip", "cvfm/tiny-blip", "cvfm/tiny-sam", "cvfm/tiny-owlv2"]
+    assert ids == [
+        "cvfm/pixels",
+        *PRESETS,
+        "cvfm/tiny-clip",
+        "cvfm/tiny-blip",
+        "cvfm/tiny-sam",
+        "cvfm/tiny-owlv2",
+    ]
     assert all(r["source"] == "cvfm" for r in list_models("cvfm/*"))
     assert [r["id"] for r in list_models("cvfm/tiny-*")] == [
         "cvfm/tiny-resnet",
