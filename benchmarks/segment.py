@@ -35,10 +35,9 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-
 from cvfm.data.instances import decode_mask  # noqa: E402
+from cvfm.models.amg import AutoSettings, generate_masks  # noqa: E402
 from cvfm.models.segmenter import Segmenter  # noqa: E402
-from cvfm.segment.auto import AutoSettings, generate_masks  # noqa: E402
 
 
 def say(msg: str) -> None:
@@ -105,7 +104,7 @@ def cvfm_contender(segmenter: Segmenter, settings: AutoSettings):
 
 
 def bound_contender(segmenter: Segmenter, settings: AutoSettings):
-    from cvfm.segment.crops import point_grid
+    from cvfm.models.amg.crops import point_grid
 
     transform = segmenter.preprocess.transform()
     grid = torch.from_numpy(point_grid(settings.points_per_side)).float()

@@ -301,13 +301,22 @@ def test_timm_arch_without_weights_builds_offline(x):
 
 def test_list_models():
     ids = [r["id"] for r in list_models("cvfm/*")]
-    assert ids == ["cvfm/pixels", *PRESETS, "cvfm/tiny-clip", "cvfm/tiny-blip"]
+    assert ids == [
+        "cvfm/pixels",
+        *PRESETS,
+        "cvfm/tiny-clip",
+        "cvfm/tiny-blip",
+        "cvfm/tiny-sam",
+        "cvfm/tiny-owlv2",
+    ]
     assert all(r["source"] == "cvfm" for r in list_models("cvfm/*"))
     assert [r["id"] for r in list_models("cvfm/tiny-*")] == [
         "cvfm/tiny-resnet",
         "cvfm/tiny-vit",
         "cvfm/tiny-clip",
         "cvfm/tiny-blip",
+        "cvfm/tiny-sam",
+        "cvfm/tiny-owlv2",
     ]
     assert [r["id"] for r in list_models("*") if r["kind"] == "image-text"] == ["cvfm/tiny-clip"]
     assert list_models("timm/resnet18*") == []  # timm is not listed unless asked for

@@ -15,12 +15,12 @@ from torch import nn
 
 from cvfm.data.instances import decode_mask
 from cvfm.errors import UsageError
+from cvfm.models.amg.crops import point_grid
+from cvfm.models.amg.generator import upscaled_candidates
+from cvfm.models.amg.masks import mask_boxes, rle_area, stability_score, xyxy_to_xywh
 from cvfm.models.segmenter import ImageEmbedding, MaskPrediction
 from cvfm.registry import create_segmenter
 from cvfm.segment import AutoSettings, generate_masks, generate_masks_batch
-from cvfm.segment.auto import upscaled_candidates
-from cvfm.segment.crops import point_grid
-from cvfm.segment.masks import mask_boxes, rle_area, stability_score, xyxy_to_xywh
 
 KEYS = ["segmentation", "area", "bbox", "predicted_iou", "point_coords", "stability_score", "crop_box"]
 

@@ -12,8 +12,8 @@ from clitools import assert_usage_error, one_json_line
 from PIL import Image
 from pycocotools.coco import COCO
 
+from cvfm.models.amg import AutoSettings, generate_masks
 from cvfm.registry import create_segmenter
-from cvfm.segment.auto import AutoSettings, generate_masks
 
 # Thresholds a random tiny-sam passes (its logits are ~1e-2): the records' structure, not their quality.
 KNOBS = ["--points-per-side", "6", "--pred-iou-thresh", "0", "--stability-score-thresh", "0.5"]
@@ -98,3 +98,14 @@ def test_usage_errors(cli, photos, tmp_path):
         cli(*base, "--points-per-side", "2", "--crop-n-layers", "2", "--crop-n-points-downscale-factor", "4"),
         "leaves no points",
     )
+
+
+def test_generator_options_default_to_the_reference_settings():
+    from dataclasses import fields
+
+    from cvfm.cli.common import AUTO_OPTIONS
+
+    reference = {
+        f.name: getattr(AutoSettings(), f.name) for f in fields(AutoSettings) if f.name != "mask_threshold"
+    }
+    assert {name: option.default for name, (_, option) in AUTO_OPTIONS.items()} == reference

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from clitools import assert_usage_error, one_json_line
+from pycocotools import mask as mask_utils
 
 from cvfm.data.coco import write_coco
-from cvfm.data.instances import encode_mask
+from cvfm.data.instances import encode_mask, rle_target
 from cvfm.data.masks_source import open_masks
 from cvfm.data.sources import subset
 from cvfm.eval.seg_run import SamClicks, evaluate_segmentation
@@ -24,6 +27,7 @@ from cvfm.eval.segmentation import (
     simulate_clicks,
     single_click_metrics,
 )
+from cvfm.models.amg import AutoSettings, generate_masks
 
 
 @pytest.fixture(autouse=True)
@@ -237,7 +241,7 @@ def test_cli_scores_a_few_scenes(cli):
     assert m["noc@85"] <= m["noc@90"]
     assert rec["protocol"]["max_clicks"] == 20
     assert_usage_error(
-        cli(*command, "--prompts", "lasso"), "unknown prompts lasso: choose from center, box, clicks"
+        cli(*command, "--prompts", "lasso"), "unknown prompts lasso: choose from center, box, clicks, auto"
     )
     help_text = cli("evaluate", "segmentation", "--help").out
     assert "builtin:animal-scenes" in help_text and "NoC@85/90" in help_text
@@ -259,3 +263,51 @@ def test_a_coco_export_scores_as_the_built_in_set(tiny, tmp_path):
         "box_miou",
         "box_jitter_miou",
     }
+
+
+# A random tiny-sam passes these (no NMS): 48 proposals an image, not good ones.
+AUTO = AutoSettings(points_per_side=4, pred_iou_thresh=0, stability_score_thresh=0, box_nms_thresh=1.0)
+AUTO_KNOBS = ("--points-per-side", "4", "--pred-iou-thresh", "0", "--stability-score-thresh", "0")
+
+
+def _proposals(segmenter, scenes) -> list[list[dict]]:
+    """Each image's automatic masks as mask_ar reads them: ranked by predicted IoU."""
+    return [
+        [{"segmentation": r["segmentation"], "score": r["predicted_iou"]} for r in records]
+        for records in (generate_masks(segmenter, scenes.load(i), AUTO) for i in range(len(scenes)))
+    ]
+
+
+def test_cli_auto_recall_equals_mask_ar_on_the_same_automatic_masks(cli, tiny):
+    command = ("evaluate", "segmentation", "cvfm/tiny-sam", "--data", "builtin:animal-scenes", "--limit", "2")
+    rec = one_json_line(cli(*command, "--prompts", "auto", *AUTO_KNOBS, "--box-nms-thresh", "1"))
+    scenes = subset(open_masks("builtin:animal-scenes", split="test"), range(2))
+    proposals = _proposals(tiny, scenes)
+    expected = mask_ar([it.target["masks"] for it in scenes.items], proposals)
+    assert rec["metrics"] == pytest.approx({**expected, "auto_masks_per_image": 48.0}, abs=1e-12)
+    assert 0 <= rec["metrics"]["ar@10"] <= rec["metrics"]["ar@100"] <= rec["metrics"]["ar@1000"] <= 1
+    assert rec["protocol"]["prompts"] == ["auto"] and rec["protocol"]["auto"]["points_per_side"] == 4
+    assert rec["data"]["instances"] == sum(len(it.target["masks"]) for it in scenes.items) > 0
+
+
+def test_auto_recall_is_one_when_the_ground_truth_is_among_the_proposals(cli, tiny, tmp_path):
+    """Ground truth made of two of each image's own automatic masks (the most and the least confident
+    non-empty ones): every object is one proposal exactly (IoU 1), and the most confident proposal is one."""
+    scenes = subset(open_masks("builtin:animal-scenes", split="test"), range(2))
+    proposals, items = _proposals(tiny, scenes), []
+    for item, ranked in zip(scenes.items, proposals, strict=True):
+        ranked = sorted((p for p in ranked if mask_utils.area(p["segmentation"])), key=lambda p: -p["score"])
+        items.append(
+            dataclasses.replace(
+                item, target=rle_target([ranked[0]["segmentation"], ranked[-1]["segmentation"]])
+            )
+        )
+    scenes.items = items
+    folder = write_coco(scenes, tmp_path / "coco")
+    command = ("evaluate", "segmentation", "cvfm/tiny-sam", "--data", folder / "annotations.json")
+    rec = one_json_line(cli(*command, "--prompts", "auto", *AUTO_KNOBS, "--box-nms-thresh", "1"))
+    expected = mask_ar([it.target["masks"] for it in items], proposals)
+    assert rec["metrics"] == pytest.approx({**expected, "auto_masks_per_image": 48.0}, abs=1e-12)
+    assert rec["data"]["instances"] == 4
+    assert rec["metrics"]["ar@1000"] == 1.0  # 48 proposals an image, all within the 1000
+    assert rec["metrics"]["ar@10"] >= 0.5  # the most confident proposal is an object, at every IoU threshold

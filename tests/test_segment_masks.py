@@ -12,8 +12,8 @@ from pycocotools import mask as mask_utils
 from torchvision.ops import nms as torchvision_nms
 
 from cvfm.data.instances import decode_mask, encode_masks
-from cvfm.segment.crops import crop_boxes, layer_grids, near_crop_edge, point_grid
-from cvfm.segment.masks import (
+from cvfm.models.amg.crops import crop_boxes, layer_grids, near_crop_edge, point_grid
+from cvfm.models.amg.masks import (
     clean_small_regions,
     mask_boxes,
     nms,

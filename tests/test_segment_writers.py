@@ -17,7 +17,7 @@ from pycocotools.cocoeval import COCOeval
 
 from cvfm.data.instances import encode_masks
 from cvfm.errors import CvfmError, UsageError
-from cvfm.segment.masks import mask_boxes, rle_area, xyxy_to_xywh
+from cvfm.models.amg.masks import mask_boxes, rle_area, xyxy_to_xywh
 from cvfm.segment.writers import COCO_FILE, open_writer, yolo_lines
 
 H, W = 101, 161

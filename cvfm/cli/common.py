@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
+
 import typer
 
 from cvfm.errors import UsageError
@@ -64,6 +68,50 @@ ForgetWhere = typer.Option(
     help="Forget the items where FIELD=V1,V2 or FIELD!=V (label, id or a .jsonl / hf: field; wildcards); "
     "repeatable, all must hold.",
 )
+
+
+AMG_PANEL = "Automatic mask generator (segment-anything's knobs)"
+
+
+def _amg(kind: type, default, flag: str, help: str) -> tuple[type, typer.models.OptionInfo]:
+    return kind, typer.Option(default, flag, help=help, rich_help_panel=AMG_PANEL)
+
+
+# `AutoSettings`' fields as options, with the reference defaults (a test checks that they stay equal).
+AUTO_OPTIONS = {
+    "points_per_side": _amg(int, 32, "--points-per-side", "Grid of point prompts per side."),
+    "points_per_batch": _amg(int, 64, "--points-per-batch", "Points decoded together."),
+    "pred_iou_thresh": _amg(float, 0.88, "--pred-iou-thresh", "Keep masks predicted this good."),
+    "stability_score_thresh": _amg(float, 0.95, "--stability-score-thresh", "Keep masks this stable."),
+    "stability_score_offset": _amg(float, 1.0, "--stability-score-offset", "Logit offset of stability."),
+    "box_nms_thresh": _amg(float, 0.7, "--box-nms-thresh", "Box IoU above which a duplicate goes."),
+    "crop_n_layers": _amg(int, 0, "--crop-n-layers", "Layers of overlapping crops (0: whole image)."),
+    "crop_nms_thresh": _amg(float, 0.7, "--crop-nms-thresh", "Box NMS across crops."),
+    "crop_overlap_ratio": _amg(float, 512 / 1500, "--crop-overlap-ratio", "Overlap of crops."),
+    "crop_n_points_downscale_factor": _amg(
+        int, 1, "--crop-n-points-downscale-factor", "Fewer points per side in each deeper crop layer."
+    ),
+    "min_mask_region_area": _amg(int, 0, "--min-mask-region-area", "Remove islands / holes below."),
+}
+
+
+def with_auto_settings(command: Callable) -> Callable:
+    """Give a command the automatic mask generator's options (`AUTO_OPTIONS`); it receives them as one
+    `settings` argument, an `AutoSettings`."""
+    own = [p for p in inspect.signature(command).parameters.values() if p.name != "settings"]
+    kind = inspect.Parameter.KEYWORD_ONLY
+    added = [inspect.Parameter(n, kind, default=o, annotation=t) for n, (t, o) in AUTO_OPTIONS.items()]
+
+    @functools.wraps(command)
+    def run(**options):
+        from cvfm.models.amg import AutoSettings
+
+        settings = AutoSettings(**{name: options.pop(name) for name in AUTO_OPTIONS})
+        return command(**options, settings=settings)
+
+    run.__signature__ = inspect.Signature([*own, *added])
+    run.__annotations__ = {k: v for k, v in command.__annotations__.items() if k != "settings"}
+    return run
 
 
 def forget_request(forget: str | None, classes, where, request_id: str | None = None):

@@ -197,6 +197,7 @@ def retrieval(
 
 
 @app.command("segmentation")
+@common.with_auto_settings
 def segmentation(
     model: str = typer.Argument(
         ..., help="Promptable segmenter: cvfm/tiny-sam, hf/<SAM or SAM-HQ repo> or a folder holding one."
@@ -218,7 +219,9 @@ def segmentation(
         None, "--image-root", help="Folder of a COCO file's images (default: beside it, or its images/)."
     ),
     prompts: str = typer.Option(
-        "center,box,clicks", "--prompts", help="Comma-separated prompts to score: center, box, clicks."
+        "center,box,clicks",
+        "--prompts",
+        help="Comma-separated prompts to score: center, box, clicks, auto (automatic masks, below).",
     ),
     limit: int = typer.Option(None, "--limit", min=1, help="Score the first N images only."),
     max_clicks: int = typer.Option(20, "--max-clicks", min=5, help="Click budget (NoC's cap)."),
@@ -229,11 +232,14 @@ def segmentation(
     strict: bool = common.Strict,
     trust_remote_code: bool = common.TrustRemoteCode,
     output: str = Output,
+    settings=None,
 ) -> None:
     """Promptable segmentation: each object prompted from its ground truth. center: one click at its
     centre (mIoU of the most confident of 3 masks, of the best of them, and the gap); box: its tight box,
     exact and jittered (10% of the side per coordinate, at most 20 px); clicks: simulated corrective clicks
     with the previous mask fed back (mIoU after 1, 3, 5 clicks, NoC@85/90 capped at --max-clicks, NoF).
+    auto: SAM's automatic masks (the generator's knobs below) as object proposals, class-agnostic mask
+    AR@10/100/1000 by COCO's evaluation, ranked by predicted IoU.
 
     Examples:
 
@@ -241,6 +247,8 @@ def segmentation(
 
       cvfm evaluate segmentation hf/facebook/sam-vit-base --data coco/instances_val2017.json \\
         --image-root coco/val2017 --prompts box,clicks --limit 500
+
+      cvfm evaluate segmentation hf/facebook/sam-vit-base --data builtin:animal-scenes --prompts auto
     """
     kw = {**locals(), "prompts": prompts.split(","), "split": split or None}
     del kw["output"]

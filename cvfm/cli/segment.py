@@ -1,4 +1,4 @@
-"""`cvfm segment prompt|auto|export`: Segment Anything from the command line over `cvfm.segment`."""
+"""`cvfm segment prompt|text|auto|export`: Segment Anything from the command line over `cvfm.segment`."""
 
 from __future__ import annotations
 
@@ -85,36 +85,115 @@ def prompt(
         emit(summary)
 
 
+@app.command("text")
+@common.with_auto_settings
+def text(
+    model: str = Model,
+    data: str = common.Data,
+    texts: list[str] = typer.Option(
+        ..., "--text", "-t", help="What to segment, e.g. 'a red giraffe'; repeat for several (a record each)."
+    ),
+    strategy: str = typer.Option(
+        "clip-rerank",
+        "--strategy",
+        help="clip-rerank: automatic masks ranked by an image-text model; detector: an open-vocabulary "
+        "detector's boxes as SAM box prompts.",
+    ),
+    clip: str = typer.Option(
+        "cvfm/tiny-clip",
+        "--clip",
+        help="clip-rerank's image-text model: hf/openai/clip-vit-base-patch32, open_clip/ViT-B-32:openai, "
+        "hf/google/siglip-base-patch16-224, a folder (default: the random tiny one, for offline tests).",
+    ),
+    detector: str = typer.Option(
+        "cvfm/tiny-owlv2",
+        "--detector",
+        help="The detector: hf/google/owlv2-base-patch16-ensemble, hf/google/owlvit-base-patch32, "
+        "hf/IDEA-Research/grounding-dino-tiny, a save_pretrained folder (default: the random tiny one).",
+    ),
+    top_k: int = typer.Option(
+        None,
+        "--top-k",
+        min=1,
+        help="Masks kept per text, best first (default: 1 for clip-rerank without --threshold, else all).",
+    ),
+    threshold: float = typer.Option(
+        None,
+        "--threshold",
+        help="clip-rerank: keep masks whose cosine similarity to the text is at least this.",
+    ),
+    box_threshold: float = typer.Option(
+        None,
+        "--box-threshold",
+        help="detector: keep boxes scored above this (default: 0.1 for OWL, 0.35 for Grounding DINO).",
+    ),
+    output: str = typer.Option(
+        "-", "--output", "-o", help="A folder (PNG masks, masks.jsonl, overlay.png per image), or -."
+    ),
+    split: str = typer.Option(None, "--split", help="Split of a dataset with several."),
+    precision: str = typer.Option(
+        "auto", "--precision", help="auto, fp32, bf16 or fp16 (auto: bf16 where native)."
+    ),
+    image_column: str = common.ImageColumn,
+    strict: bool = common.Strict,
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an output folder (default: finish it)."
+    ),
+    pretrained: bool = common.pretrained_option(True, " Applies to every model of the run."),
+    trust_remote_code: bool = common.TrustRemoteCode,
+    settings=None,
+) -> None:
+    """Masks for a text. clip-rerank (default): SAM's automatic masks (the generator's knobs below), each
+    mask's box with the background outside the mask set to grey, scored against the text by an image-text
+    model (score: cosine similarity; probability: softmax over the image's masks). detector: an
+    open-vocabulary detector (OWL-ViT, OWLv2, Grounding DINO) finds boxes for the text and SAM turns each
+    into a mask (score: the detector's). With -o -, one JSON line per image and text: id, image, text,
+    strategy, masks (segmentation as COCO RLE, area, bbox, predicted_iou, stability_score, score), best
+    first.
+
+    Examples:
+
+      cvfm segment text hf/facebook/sam-vit-base --data photos/ --text "a red giraffe" \\
+        --clip hf/openai/clip-vit-base-patch32 -o -
+
+      cvfm segment text hf/facebook/sam-vit-base --data photos/ --text "a dog" --strategy detector \\
+        --detector hf/google/owlv2-base-patch16-ensemble --box-threshold 0.2 -o masks/
+    """
+    from cvfm.cli.output import emit
+    from cvfm.segment.text import segment_text
+
+    summary = segment_text(
+        model,
+        data,
+        output,
+        texts=texts,
+        strategy=strategy,
+        clip=clip,
+        detector=detector,
+        top_k=top_k,
+        threshold=threshold,
+        box_threshold=box_threshold,
+        settings=settings,
+        split=split,
+        image_column=image_column,
+        precision=precision,
+        strict=strict,
+        overwrite=overwrite,
+        pretrained=pretrained,
+        trust_remote_code=trust_remote_code,
+    )
+    if output != "-":
+        emit(summary)
+
+
 @app.command("auto")
+@common.with_auto_settings
 def auto(
     model: str = Model,
     data: str = common.Data,
     output: str = typer.Option(..., "--output", "-o", help="A folder (resumable), or - for JSON lines."),
     fmt: str = typer.Option(
         "amg", "--format", help="amg (amg.py's folders + metadata.csv), coco-rle, coco, yolo."
-    ),
-    points_per_side: int = typer.Option(32, "--points-per-side", help="Grid of point prompts per side."),
-    points_per_batch: int = typer.Option(64, "--points-per-batch", help="Points decoded together."),
-    pred_iou_thresh: float = typer.Option(0.88, "--pred-iou-thresh", help="Keep masks predicted this good."),
-    stability_score_thresh: float = typer.Option(
-        0.95, "--stability-score-thresh", help="Keep masks this stable."
-    ),
-    stability_score_offset: float = typer.Option(
-        1.0, "--stability-score-offset", help="Logit offset of stability."
-    ),
-    box_nms_thresh: float = typer.Option(
-        0.7, "--box-nms-thresh", help="Box IoU above which a duplicate goes."
-    ),
-    crop_n_layers: int = typer.Option(
-        0, "--crop-n-layers", help="Layers of overlapping crops (0: whole image)."
-    ),
-    crop_nms_thresh: float = typer.Option(0.7, "--crop-nms-thresh", help="Box NMS across crops."),
-    crop_overlap_ratio: float = typer.Option(512 / 1500, "--crop-overlap-ratio", help="Overlap of crops."),
-    crop_n_points_downscale_factor: int = typer.Option(
-        1, "--crop-n-points-downscale-factor", help="Fewer points per side in each deeper crop layer."
-    ),
-    min_mask_region_area: int = typer.Option(
-        0, "--min-mask-region-area", help="Remove islands / holes below."
     ),
     images_per_batch: int = typer.Option(1, "--images-per-batch", help="Crops through the encoder together."),
     overlays: bool = typer.Option(False, "--overlays", help="Also write overlays/<image>.png."),
@@ -129,6 +208,7 @@ def auto(
     ),
     pretrained: bool = common.pretrained_option(True),
     trust_remote_code: bool = common.TrustRemoteCode,
+    settings=None,
 ) -> None:
     """Segment anything: masks for every object of every image, SAM's automatic mask generator with the
     reference defaults and amg.py's knobs. A folder output is resumable: finished images are skipped.
@@ -140,22 +220,8 @@ def auto(
       cvfm segment auto hf/facebook/sam-vit-base --data photos/ -o coco/ --format coco --crop-n-layers 1
     """
     from cvfm.cli.output import emit
-    from cvfm.segment.auto import AutoSettings
     from cvfm.segment.auto_run import segment_auto
 
-    settings = AutoSettings(
-        points_per_side=points_per_side,
-        points_per_batch=points_per_batch,
-        pred_iou_thresh=pred_iou_thresh,
-        stability_score_thresh=stability_score_thresh,
-        stability_score_offset=stability_score_offset,
-        box_nms_thresh=box_nms_thresh,
-        crop_n_layers=crop_n_layers,
-        crop_nms_thresh=crop_nms_thresh,
-        crop_overlap_ratio=crop_overlap_ratio,
-        crop_n_points_downscale_factor=crop_n_points_downscale_factor,
-        min_mask_region_area=min_mask_region_area,
-    )
     summary = segment_auto(
         model,
         data,

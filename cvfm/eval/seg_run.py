@@ -10,13 +10,17 @@ Each image is embedded once; each object is then prompted from its ground-truth 
   mask prompt, asking for one mask (three at the first click, the most confident kept), as SAM's paper
   simulates interactive annotation.
 Masks are compared with the ground truth at the image's own size.
+
+`auto` prompts nothing from the ground truth: SAM's automatic masks of each image (`generate_masks`, with
+`settings`) are scored as object proposals, class-agnostic mask AR@10/100/1000 by COCO's evaluation
+(`mask_ar`), ranked by their predicted IoU (the score segment-anything's generator gives them).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -29,6 +33,7 @@ from cvfm.data.masks_source import open_masks
 from cvfm.data.sources import subset
 from cvfm.errors import UsageError
 from cvfm.eval.segmentation import (
+    AR_MAX_DETS,
     BOX_JITTER,
     MAX_CLICKS,
     MIOU_CLICKS,
@@ -38,17 +43,20 @@ from cvfm.eval.segmentation import (
     click_metrics,
     iou,
     jitter_box,
+    mask_ar,
     mask_box,
     simulate_clicks,
     single_click_metrics,
 )
+from cvfm.models.amg import AutoSettings, generate_masks
 from cvfm.models.segmenter import ImageEmbedding, Segmenter
 from cvfm.registry import create_segmenter
 from cvfm.runtime.device import default_device
 from cvfm.runtime.progress import progress
 from cvfm.runtime.threads import share_cores_with_workers
 
-PROMPTS = ("center", "box", "clicks")
+PROMPTS = ("center", "box", "clicks", "auto")
+PROMPTED = ("center", "box", "clicks")  # from each object's ground truth, on the image's embedding
 
 
 class SamClicks:
@@ -93,17 +101,19 @@ class Scores:
     runs: list[ClickRun] = field(default_factory=list)
     box: list[float] = field(default_factory=list)
     box_jitter: list[float] = field(default_factory=list)
+    ground_truth: list[list[dict]] = field(default_factory=list)  # auto: each image's RLEs
+    proposals: list[list[dict]] = field(default_factory=list)  # auto: each image's masks and scores
     images: int = 0
 
     @property
     def instances(self) -> int:
-        return max(len(self.runs), len(self.box))
+        return max(len(self.runs), len(self.box), sum(map(len, self.ground_truth)))
 
-    def add(self, segmenter: Segmenter, embedding: ImageEmbedding, gts: np.ndarray, rng) -> None:
+    def add(self, segmenter: Segmenter, embedding: ImageEmbedding | None, gts: np.ndarray, rng) -> None:
         """Prompt every object of one image (its masks `gts` (N, H, W), empty ones left out)."""
         self.images += 1
         gts = gts[gts.reshape(len(gts), -1).any(axis=1)]
-        if not len(gts):
+        if not len(gts) or embedding is None:
             return
         if "center" in self.prompts or "clicks" in self.prompts:
             least = min(self.max_clicks, max(MIOU_CLICKS))  # mIoU@5 needs five clicks from everyone
@@ -115,6 +125,12 @@ class Scores:
             self.box += exact
             self.box_jitter += noisy
 
+    def add_proposals(self, records: list[dict], gts: list[dict]) -> None:
+        """One image's automatic masks (`generate_masks` records) and its ground-truth RLEs."""
+        self.ground_truth.append(gts)
+        ranked = [{"segmentation": r["segmentation"], "score": r["predicted_iou"]} for r in records]
+        self.proposals.append(ranked)
+
     def metrics(self) -> dict[str, float]:
         out: dict[str, float] = {}
         if "center" in self.prompts:
@@ -123,6 +139,9 @@ class Scores:
             out.update(box_miou=float(np.mean(self.box)), box_jitter_miou=float(np.mean(self.box_jitter)))
         if "clicks" in self.prompts:
             out.update(click_metrics(self.runs, self.max_clicks))
+        if "auto" in self.prompts:
+            out.update(mask_ar(self.ground_truth, self.proposals, AR_MAX_DETS))
+            out["auto_masks_per_image"] = float(np.mean([len(p) for p in self.proposals]))
         return out
 
 
@@ -130,7 +149,8 @@ def evaluate_segmentation(
     model: str | Segmenter,
     data: str,
     *,
-    prompts: Sequence[str] = PROMPTS,
+    prompts: Sequence[str] = PROMPTED,
+    settings: AutoSettings = AutoSettings(),
     split: str | None = None,
     image_root: str | None = None,
     limit: int | None = None,
@@ -148,8 +168,9 @@ def evaluate_segmentation(
     builtin:animal-scenes, a COCO .json, a folder of images/ and masks/) with the given prompts.
 
     `split` defaults to "test" for a built-in set and to none otherwise; `limit` scores the first images
-    only; the jittered boxes are seeded by (`seed`, image index). Returns `{"task": "segmentation",
-    "metrics": {...}, ...}` with `center_*`, `box_*`, `miou@k`, `noc@t` and `nof@t` metrics."""
+    only; the jittered boxes are seeded by (`seed`, image index); `settings` drive the automatic masks of
+    `auto`. Returns `{"task": "segmentation", "metrics": {...}, ...}` with `center_*`, `box_*`, `miou@k`,
+    `noc@t`, `nof@t` and (auto) `ar@k` metrics."""
     t0 = time.perf_counter()
     prompts = _check_prompts(prompts)
     if max_clicks < max(MIOU_CLICKS):
@@ -179,15 +200,22 @@ def evaluate_segmentation(
             skips.add(batch["skipped"])
             if batch["image"] is not None:
                 sizes = [tuple(s) for s in batch["size"].tolist()]
-                embeddings = segmenter.embed_image(batch["image"].to(device), sizes)
+                embeddings = None
+                if set(prompts) & set(PROMPTED):
+                    embeddings = segmenter.embed_image(batch["image"].to(device), sizes)
                 for j, index in enumerate(batch["index"].tolist()):
                     gts = decode_masks(batch["target"][j])
                     if len(gts) and gts.shape[1:] != sizes[j]:
                         (h, w), (mh, mw) = sizes[j], gts.shape[1:]
                         reason = f"masks are {mw}x{mh} but the image is {w}x{h}"
                         skips.add([Skipped(index, str(source.items[index].ref), reason)])
-                    else:
-                        scores.add(segmenter, embeddings.select(j), gts, np.random.default_rng((seed, index)))
+                        continue
+                    embedding = None if embeddings is None else embeddings.select(j)
+                    scores.add(segmenter, embedding, gts, np.random.default_rng((seed, index)))
+                    objects = [r for r, gt in zip(batch["target"][j]["masks"], gts, strict=True) if gt.any()]
+                    if "auto" in prompts and objects:  # an image without objects has nothing to recall
+                        records = generate_masks(segmenter, source.load(index), settings)
+                        scores.add_proposals(records, objects)
             advance()
     if not scores.instances:
         raise UsageError(f"no objects to segment in '{data}' (no readable image with an instance mask)")
@@ -204,6 +232,7 @@ def evaluate_segmentation(
             "max_clicks": max_clicks if "clicks" in prompts else 1,
             "noc_thresholds": list(NOC_THRESHOLDS),
             "box_jitter": jitter,
+            **({"auto": asdict(settings)} if "auto" in prompts else {}),
         },
         "data": {
             "split": split,

@@ -79,6 +79,18 @@ def build_tokenizer(max_length: int = 32):
     return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=max_length)
 
 
+def text_ids(tokenizer, context: int) -> dict:
+    """A CLIP text config's vocabulary size, length and special tokens for `tokenizer` (`build_tokenizer`)."""
+    vocab = tokenizer.get_vocab()
+    return {
+        "vocab_size": len(vocab),
+        "max_position_embeddings": context,
+        "bos_token_id": vocab[BOS],
+        "eos_token_id": vocab[EOS],
+        "pad_token_id": vocab[EOS],
+    }
+
+
 def build_tiny_clip(
     size: int = 32, width: int = 128, layers: int = 2, embed_dim: int = 64, context: int = 32, patch: int = 8
 ):
@@ -92,7 +104,6 @@ def build_tiny_clip(
     from transformers import CLIPConfig, CLIPModel
 
     tokenizer = build_tokenizer(context)
-    vocab = tokenizer.get_vocab()
     common = {
         "hidden_size": width,
         "intermediate_size": 4 * width,
@@ -100,14 +111,7 @@ def build_tiny_clip(
         "num_attention_heads": max(1, width // 32),
     }
     config = CLIPConfig(
-        text_config={
-            **common,
-            "vocab_size": len(vocab),
-            "max_position_embeddings": context,
-            "bos_token_id": vocab[BOS],
-            "eos_token_id": vocab[EOS],
-            "pad_token_id": vocab[EOS],
-        },
+        text_config={**common, **text_ids(tokenizer, context)},
         vision_config={**common, "image_size": size, "patch_size": patch},
         projection_dim=embed_dim,
     )

@@ -22,6 +22,9 @@ and folders that hold one, among them a `PairedEncoder` (any image encoder + a d
 Promptable segmenters (`create_segmenter`: SAM, SAM-HQ) are `cvfm/tiny-sam`, `hf/<sam repo>` and the
 transformers folders that hold one.
 
+Open-vocabulary detectors (`create_detector`: OWL-ViT, OWLv2, Grounding DINO, each with its processor) are
+`cvfm/tiny-owlv2`, `hf/<repo>` and the `save_pretrained` folders that hold one.
+
 How it is built: `table.SOURCES` is the one table of sources (`source.Source`: how ids or folders are
 recognised, a loader per model kind, the `cvfm models` rows); `create` holds the doors that read it; one
 module per source family (`presets`, `timm_models`, `hf_models`, `open_clip_models`, `folders`) holds
@@ -31,6 +34,7 @@ the loaders.
 from cvfm.registry.create import (
     create_captioner,
     create_classifier,
+    create_detector,
     create_dual_encoder,
     create_encoder,
     create_matcher,
@@ -43,6 +47,7 @@ __all__ = [
     "PRESETS",
     "create_captioner",
     "create_classifier",
+    "create_detector",
     "create_dual_encoder",
     "create_encoder",
     "create_matcher",

@@ -9,12 +9,23 @@ from typing import Any
 from cvfm.errors import UsageError
 from cvfm.models.blip import Captioner, Matcher
 from cvfm.models.classifier import Classifier
+from cvfm.models.detector import Detector
 from cvfm.models.dual import DualEncoder
 from cvfm.models.encoder import Encoder
 from cvfm.models.segmenter import Segmenter
 from cvfm.registry.hints import suggest
 from cvfm.registry.presets import PREFIX as PRESET_PREFIX
-from cvfm.registry.source import CAPTIONER, CLASSIFIER, IMAGE, IMAGE_TEXT, MATCHER, SEGMENTER, Request, Source
+from cvfm.registry.source import (
+    CAPTIONER,
+    CLASSIFIER,
+    DETECTOR,
+    IMAGE,
+    IMAGE_TEXT,
+    MATCHER,
+    SEGMENTER,
+    Request,
+    Source,
+)
 from cvfm.registry.table import SOURCES
 
 _A_KIND = {
@@ -24,6 +35,7 @@ _A_KIND = {
     CAPTIONER: "a captioner",
     MATCHER: "a matcher",
     SEGMENTER: "a segmenter",
+    DETECTOR: "an open-vocabulary detector",
 }
 
 
@@ -64,6 +76,12 @@ def create_segmenter(model_id: str, *, pretrained: bool = True, trust_remote_cod
     """A promptable segmenter (SAM, SAM-HQ): `cvfm/tiny-sam`, `hf/<repo>` (e.g. hf/facebook/sam-vit-base)
     or a folder (`save_pretrained`, a cvfm run)."""
     return _open(Request(SEGMENTER, model_id, _open, pretrained, trust_remote_code), model_id)
+
+
+def create_detector(model_id: str, *, pretrained: bool = True, trust_remote_code: bool = False) -> Detector:
+    """An open-vocabulary detector with its processor: `cvfm/tiny-owlv2`, `hf/<repo>` (OWL-ViT, OWLv2,
+    Grounding DINO, e.g. hf/google/owlv2-base-patch16-ensemble) or a `save_pretrained` folder."""
+    return _open(Request(DETECTOR, model_id, _open, pretrained, trust_remote_code), model_id)
 
 
 def list_models(pattern: str = "*", *, sources: tuple[str, ...] = ("cvfm",)) -> list[dict]:

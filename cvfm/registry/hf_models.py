@@ -1,8 +1,9 @@
 """transformers models: `hf/<repo-id>` ids and `save_pretrained` folders (config.json with "model_type").
 
 One loader per kind: a vision backbone (AutoModel; a CLIP-like model gives its image tower), an image-text
-model (CLIP, SigLIP, ...), BLIP's captioner and matcher, and SAM-family segmenters. Weights must match the
-architecture exactly.
+model (CLIP, SigLIP, ...), BLIP's captioner and matcher, SAM-family segmenters and open-vocabulary
+detectors (OWL-ViT, OWLv2, Grounding DINO, with their processors). Weights must match the architecture
+exactly.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 from cvfm.data.preprocess import Preprocess, from_transformers
 from cvfm.errors import CvfmError, UsageError
 from cvfm.models.blip import Captioner, Matcher
+from cvfm.models.detector import DETECTOR_TYPES, Detector
 from cvfm.models.dual import HFDualEncoder, is_dual_model
 from cvfm.models.encoder import Encoder, HFEncoder, check_loading_info, read_preprocess
 from cvfm.models.segmenter import Segmenter
@@ -61,6 +63,23 @@ def load_segmenter(repo: str, request: Request) -> Segmenter:
     return Segmenter(model, request.model_id, preprocess)
 
 
+def load_detector(repo: str, request: Request) -> Detector:
+    """An open-vocabulary detector (AutoModelForZeroShotObjectDetection: OWL-ViT, OWLv2, Grounding DINO)
+    with its processor (AutoProcessor), whose pre- and post-processing it uses."""
+    from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
+
+    found = config_json(Path(repo)).get("model_type") if Path(repo).is_dir() else None
+    if found is not None and found not in DETECTOR_TYPES:
+        what = "an open-vocabulary detector (OWL-ViT, OWLv2, Grounding DINO)"
+        raise UsageError(f"folder '{request.model_id}' holds a {found} model, not {what}")
+    model = hf_weights(repo, request, AutoModelForZeroShotObjectDetection)
+    try:
+        processor = AutoProcessor.from_pretrained(repo, trust_remote_code=request.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise offline_hint(request.model_id, e) from None
+    return Detector(model.eval(), processor, request.model_id)
+
+
 def _blip(repo: str, request: Request, model_cls, face):
     name = request.model_id
     if Path(repo).is_dir():
@@ -79,6 +98,14 @@ def _blip(repo: str, request: Request, model_cls, face):
 def hf_model(repo: str, request: Request, model_cls=None):
     """A transformers model (`model_cls`, default AutoModel) from the hub or a folder, and its
     preprocessing; weights must match the architecture."""
+    model = hf_weights(repo, request, model_cls)
+    preprocess = read_preprocess(Path(repo)) if Path(repo).is_dir() else None
+    return model, preprocess or _hf_preprocess(repo, model, request.trust_remote_code)
+
+
+def hf_weights(repo: str, request: Request, model_cls=None):
+    """A transformers model (`model_cls`, default AutoModel; an Auto class or a model class) from the hub
+    or a folder, its weights matching the architecture exactly (random weights unless `pretrained`)."""
     from transformers import AutoConfig, AutoModel
 
     model_cls = model_cls or AutoModel
@@ -93,18 +120,15 @@ def hf_model(repo: str, request: Request, model_cls=None):
                 trust_remote_code=trust,
             )
             check_loading_info(info, request.model_id)
-        else:
-            config = AutoConfig.from_pretrained(repo, trust_remote_code=trust)
-            if model_cls is AutoModel:
-                model = AutoModel.from_config(config, trust_remote_code=trust)
-            else:
-                model = model_cls(config)
+            return model
+        config = AutoConfig.from_pretrained(repo, trust_remote_code=trust)
+        if model_cls.__name__.startswith("Auto"):
+            return model_cls.from_config(config, trust_remote_code=trust)
+        return model_cls(config)
     except (OSError, ValueError) as e:
         if Path(repo).is_dir():
             raise CvfmError(f"cannot load transformers model from '{repo}': {e}") from None
         raise offline_hint(request.model_id, e) from None
-    preprocess = read_preprocess(Path(repo)) if Path(repo).is_dir() else None
-    return model, preprocess or _hf_preprocess(repo, model, trust)
 
 
 def hf_tokenizer(repo: str, request: Request):

@@ -7,11 +7,13 @@ from dataclasses import dataclass, field
 
 from cvfm.data.preprocess import Preprocess
 from cvfm.models.blip import Captioner, Matcher
+from cvfm.models.detector import Detector
 from cvfm.models.dual import HFDualEncoder
 from cvfm.models.encoder import Encoder
 from cvfm.models.segmenter import Segmenter
 from cvfm.registry.source import (
     CAPTIONER,
+    DETECTOR,
     IMAGE,
     IMAGE_TEXT,
     MATCHER,
@@ -111,6 +113,12 @@ def _tiny_sam2(ref: str, request: Request) -> Segmenter:
     return Segmenter(build_tiny_sam2(), request.model_id, PREPROCESS_SAM2)
 
 
+def _tiny_owlv2(ref: str, request: Request) -> Detector:
+    from cvfm.models.tiny_owl import build_tiny_owlv2
+
+    return Detector(*build_tiny_owlv2(), request.model_id)
+
+
 def _preset(
     model_id: str,
     kind: str,
@@ -167,5 +175,13 @@ SOURCES: tuple[Source, ...] = (
         "promptable segmenter Sam2Model (Hiera widths 16-128, 6 blocks; 0.4M parameters), 128 px",
         {SEGMENTER: _tiny_sam2},
         input_size=128,
+    ),
+    _preset(
+        "cvfm/tiny-owlv2",
+        "detector",
+        "owlv2",
+        "open-vocabulary detector Owlv2ForObjectDetection (ViT patch 8, width 32, 1 layer; CLIP text), 64 px",
+        {DETECTOR: _tiny_owlv2},
+        input_size=64,
     ),
 )

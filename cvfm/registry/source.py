@@ -17,6 +17,7 @@ CLASSIFIER = "classifier"  # a `Classifier`
 CAPTIONER = "captioner"  # a BLIP `Captioner`
 MATCHER = "matcher"  # a BLIP `Matcher`
 SEGMENTER = "segmenter"  # a SAM-family `Segmenter`
+DETECTOR = "detector"  # an open-vocabulary `Detector` (OWL-ViT, OWLv2, Grounding DINO)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from cvfm.registry.folders import load_classifier_folder, load_paired
 from cvfm.registry.source import (
     CAPTIONER,
     CLASSIFIER,
+    DETECTOR,
     IMAGE,
     IMAGE_TEXT,
     MATCHER,
@@ -30,6 +31,7 @@ _HF = {
     CAPTIONER: hf_models.load_captioner,
     MATCHER: hf_models.load_matcher,
     SEGMENTER: hf_models.load_segmenter,
+    DETECTOR: hf_models.load_detector,
 }
 _OPEN_CLIP_ID = {IMAGE_TEXT: open_clip_models.load_id, IMAGE: image_tower(open_clip_models.load_id)}
 _OPEN_CLIP_FOLDER = {

@@ -1,6 +1,7 @@
-"""Segment Anything over the `Segmenter` face: automatic mask generation (`generate_masks`, auto.py) and its
-output formats (writers.py), prompts (prompt_run.py), an embedding cache and ONNX export."""
+"""Segment Anything features over the `Segmenter` face: prompts (prompt_run.py), text prompts (text.py),
+automatic masks of a whole source (auto_run.py) and their output formats (writers.py), an embedding cache
+and ONNX export. The automatic mask generator itself is `cvfm.models.amg`."""
 
-from cvfm.segment.auto import AutoSettings, generate_masks, generate_masks_batch
+from cvfm.models.amg import AutoSettings, generate_masks, generate_masks_batch
 
 __all__ = ["AutoSettings", "generate_masks", "generate_masks_batch"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -19,16 +18,15 @@ from pathlib import Path
 import torch
 
 from cvfm.data.decode import DecodeError
-from cvfm.data.instances import decode_mask
 from cvfm.data.items import Item
 from cvfm.data.loader import SkipLog, Skipped
 from cvfm.data.sources import open_source
 from cvfm.errors import UsageError
+from cvfm.models.amg import AutoSettings, generate_masks_batch
 from cvfm.runtime.device import default_device
 from cvfm.runtime.precision import autocast, precision_name, resolve_precision
 from cvfm.runtime.progress import log, progress
-from cvfm.segment.auto import AutoSettings, generate_masks_batch
-from cvfm.segment.prompt_run import overlay
+from cvfm.segment.per_image import image_fields, output_folder, overlay
 from cvfm.segment.writers import FORMATS, open_writer
 
 OVERLAYS = "overlays"
@@ -61,7 +59,8 @@ def segment_auto(
     if images_per_batch < 1:
         raise UsageError("--images-per-batch must be at least 1")
     source = open_source(data, split=split, image_column=image_column, strict=strict)
-    writer = None if output == "-" else _writer(fmt, output, overwrite)
+    folder = output_folder(output, overwrite)
+    writer = None if folder is None else open_writer(fmt, folder)
     segmenter = create_segmenter(model, pretrained=pretrained, trust_remote_code=trust_remote_code)
     dev = torch.device(default_device(device))
     amp = resolve_precision(precision, dev)
@@ -115,25 +114,13 @@ def output_name(item: Item) -> str:
     return name
 
 
-def _writer(fmt: str, output: str, overwrite: bool):
-    root = Path(output)
-    if root.exists() and not root.is_dir():
-        raise UsageError(f"output '{output}' is a file: automatic masks go to a folder (or - for JSON lines)")
-    if overwrite and root.exists():
-        shutil.rmtree(root)
-    root.mkdir(parents=True, exist_ok=True)
-    return open_writer(fmt, root)
-
-
 def _write(writer, item: Item, name: str, image, records: list[dict], overlays: bool, output: str) -> None:
     if writer is None:
-        where = item.ref if isinstance(item.ref, str) else item.id
-        sys.stdout.write(json.dumps({"id": item.id, "image": where, "masks": records}) + "\n")
+        sys.stdout.write(json.dumps({**image_fields(item), "masks": records}) + "\n")
         sys.stdout.flush()
         return
     if overlays:  # before the masks: an image counts as done once its masks are written
         path = Path(output) / OVERLAYS / Path(name).with_suffix(".png")
         path.parent.mkdir(parents=True, exist_ok=True)
-        shown = [({"prompt": {}}, decode_mask(r["segmentation"])[None]) for r in records]
-        overlay(image, shown).save(path)
+        overlay(image, [{"mask": r["segmentation"]} for r in records]).save(path)
     writer.add(name, (image.height, image.width), records)

@@ -1,41 +1,30 @@
 """`segment_prompts`: masks for prompts on images, one image embedding per image reused for all its prompts
 (and kept between runs with a cache).
 
-Output `-`: one JSON line per (image, prompt) on stdout: `id`, `image`, `prompt`, and `masks`, each with
-`segmentation` (COCO RLE, counts a string), `area`, `bbox` (XYWH), `predicted_iou`, `stability_score`,
-best predicted first. Output folder: per image a folder named by its id with `prompt<k>_mask<j>.png`
-(0/255), `masks.jsonl` (those records) and `overlay.png` (the image with each prompt's best mask tinted
-and its points and box drawn); a finished image's folder is complete (written under a temporary name,
-then renamed), so a rerun skips it.
+One record per (image, prompt): `id`, `image`, `prompt`, and `masks`, each with `segmentation` (COCO RLE,
+counts a string), `area`, `bbox` (XYWH), `predicted_iou`, `stability_score`, best predicted first; as JSON
+lines on stdout (`-`) or in a folder per image (see per_image.py), whose overlay.png tints each prompt's
+best mask and draws its points and box.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import re
-import shutil
-import sys
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from cvfm.data.decode import DecodeError
 from cvfm.data.items import ImageSource, Item
-from cvfm.data.loader import SkipLog, Skipped
 from cvfm.data.sources import open_source
 from cvfm.errors import UsageError
+from cvfm.models.amg.masks import mask_record
 from cvfm.models.segmenter import ImageEmbedding, Segmenter
 from cvfm.runtime.device import default_device
 from cvfm.runtime.precision import autocast, precision_name, resolve_precision
-from cvfm.runtime.progress import log, progress
+from cvfm.runtime.progress import log
 from cvfm.segment.cache import EmbeddingCache
-from cvfm.segment.masks import mask_record
+from cvfm.segment.per_image import Job, image_fields, output_folder, segment_images
 from cvfm.segment.prompts import Prompt, flag_prompts, read_prompts
-
-COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
 
 
 def segment_prompts(
@@ -64,54 +53,29 @@ def segment_prompts(
     jobs = _jobs(
         data, points, boxes, prompts, multimask, split=split, image_column=image_column, strict=strict
     )
-    folder = None if output == "-" else _output_folder(output, overwrite)
+    folder = output_folder(output, overwrite)
     segmenter = create_segmenter(model, pretrained=pretrained, trust_remote_code=trust_remote_code)
     dev = torch.device(default_device(device))
     amp = resolve_precision(precision, dev)
     segmenter.eval().to(dev)
     store = EmbeddingCache(cache, segmenter, precision_name(amp)) if cache else None
     transform = segmenter.preprocess.transform()
-    done = skipped = masks = 0
-    skips = SkipLog(strict)
-    with progress("segment prompt", total=len(jobs)) as advance:
-        for source, i, image_prompts in jobs:
-            item = source.items[i]
-            target = None if folder is None else folder / _folder_name(item.id)
-            if target is not None and target.is_dir():
-                skipped += 1
-                continue
-            try:
-                image = source.load(i)
-            except DecodeError as e:  # missing, corrupt or too large: named and counted (--strict: stop)
-                where = str(item.ref) if isinstance(item.ref, str) else item.id
-                skips.add([Skipped(i, where, str(e))])
-                continue
-            with torch.no_grad(), autocast(dev, amp):
-                embedding = _embedding(segmenter, image, transform, dev, store, source, i)
-                records = [_predict(segmenter, embedding, p, item) for p in image_prompts]
-            masks += sum(len(r["masks"]) for r, _ in records)
-            if target is None:
-                for record, _ in records:
-                    sys.stdout.write(json.dumps(record) + "\n")
-                sys.stdout.flush()
-            else:
-                _write_image_folder(target, image, records)
-            done += 1
-            advance(1)
+
+    def predict(job: Job, image: Image.Image) -> list[dict]:
+        source, i, image_prompts = job
+        with torch.no_grad(), autocast(dev, amp):
+            embedding = _embedding(segmenter, image, transform, dev, store, source, i)
+            return [_predict(segmenter, embedding, p, source.items[i]) for p in image_prompts]
+
+    counts = segment_images("segment prompt", jobs, folder, predict, _layers, strict)
     if store is not None:
         log(f"segment prompt: {store.hits} embedding(s) from the cache, {store.misses} computed")
-    problems = skips.as_list()
-    if problems:
-        log(f"segment prompt: skipped {len(problems)} unreadable image(s), first: {problems[0]['where']}")
     return {
         "model": model,
         "data": data or prompts,
         "output": output,
         "precision": precision_name(amp),
-        "images": done,
-        "already_done": skipped,
-        "masks": masks,
-        "skipped": problems,
+        **counts,
         "cache": None if store is None else {"hits": store.hits, "misses": store.misses},
     }
 
@@ -160,10 +124,8 @@ def _embedding(segmenter, image, transform, device, store, source, i) -> ImageEm
     return embedding
 
 
-def _predict(
-    segmenter: Segmenter, embedding: ImageEmbedding, prompt: Prompt, item: Item
-) -> tuple[dict, np.ndarray]:
-    """The record of one prompt and its masks (M, H, W), best predicted IoU first."""
+def _predict(segmenter: Segmenter, embedding: ImageEmbedding, prompt: Prompt, item: Item) -> dict:
+    """The record of one prompt, its masks best predicted IoU first."""
     pred = segmenter.decode(
         embedding,
         points=torch.tensor([prompt.points]) if prompt.points else None,
@@ -176,63 +138,9 @@ def _predict(
     logits, iou = logits[order], pred.iou[0].float()[order]
     binary = (logits > 0).cpu().numpy()
     masks = [mask_record(logits[k].cpu(), binary[k], float(iou[k])) for k in range(len(order))]
-    record = {
-        "id": item.id,
-        "image": item.ref if isinstance(item.ref, str) else item.id,
-        "prompt": prompt.as_dict(),
-        "masks": masks,
-    }
-    return record, binary
+    return {**image_fields(item), "prompt": prompt.as_dict(), "masks": masks}
 
 
-def _output_folder(output: str, overwrite: bool) -> Path:
-    folder = Path(output)
-    if folder.exists() and not folder.is_dir():
-        raise UsageError(f"output '{output}' is a file: masks go to a folder (or - for JSON lines on stdout)")
-    if overwrite and folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
-def _folder_name(item_id: str) -> str:
-    """A file-system-safe folder name for an image id (its hash keeps distinct ids apart)."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", item_id).strip("._")[-80:] or "image"
-    return f"{stem}-{hashlib.sha256(item_id.encode()).hexdigest()[:8]}"
-
-
-def _write_image_folder(target: Path, image: Image.Image, records: list[tuple[dict, np.ndarray]]) -> None:
-    tmp = target.with_name(target.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    lines = []
-    for k, (record, binary) in enumerate(records):
-        for j, mask in enumerate(binary):
-            Image.fromarray(mask.astype(np.uint8) * 255).save(tmp / f"prompt{k}_mask{j}.png")
-        lines.append(json.dumps(record) + "\n")
-    (tmp / "masks.jsonl").write_text("".join(lines), encoding="utf-8")
-    overlay(image, records).save(tmp / "overlay.png")
-    tmp.rename(target)
-
-
-def overlay(image: Image.Image, records: list[tuple[dict, np.ndarray]]) -> Image.Image:
-    """The image with each prompt's best mask tinted (half opacity) and its points (green: foreground,
-    red: background) and box drawn."""
-    canvas = np.asarray(image.convert("RGB"), dtype=np.float32).copy()
-    for k, (_, binary) in enumerate(records):
-        if len(binary):
-            colour = np.array(COLOURS[k % len(COLOURS)], dtype=np.float32)
-            canvas[binary[0]] = 0.5 * canvas[binary[0]] + 0.5 * colour
-    out = Image.fromarray(canvas.round().astype(np.uint8))
-    draw = ImageDraw.Draw(out)
-    r = max(2, round(min(out.size) / 100))
-    for k, (record, _) in enumerate(records):
-        prompt = record["prompt"]
-        for (x, y), label in zip(prompt.get("points", []), prompt.get("labels", []), strict=True):
-            draw.ellipse(
-                [x - r, y - r, x + r, y + r], fill=(0, 200, 0) if label else (220, 0, 0), outline="white"
-            )
-        if "box" in prompt:
-            draw.rectangle(prompt["box"], outline=COLOURS[k % len(COLOURS)], width=max(1, r // 2))
-    return out
+def _layers(records: list[dict]) -> list[dict]:
+    """What the overlay shows: each prompt's best mask, its points and its box."""
+    return [{"mask": r["masks"][0]["segmentation"] if r["masks"] else None, **r["prompt"]} for r in records]

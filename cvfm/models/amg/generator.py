@@ -29,9 +29,8 @@ from torchvision.ops import box_area
 
 from cvfm.data.instances import encode_masks
 from cvfm.errors import UsageError
-from cvfm.models.segmenter import ImageEmbedding, Segmenter
-from cvfm.segment.crops import crop_boxes, layer_grids, near_crop_edge
-from cvfm.segment.masks import (
+from cvfm.models.amg.crops import crop_boxes, layer_grids, near_crop_edge
+from cvfm.models.amg.masks import (
     clean_small_regions,
     mask_boxes,
     nms,
@@ -39,6 +38,7 @@ from cvfm.segment.masks import (
     stability_score,
     xyxy_to_xywh,
 )
+from cvfm.models.segmenter import ImageEmbedding, Segmenter
 
 
 @dataclass(frozen=True)
