@@ -208,7 +208,8 @@ def report(results: dict, args) -> None:
         for a in r["agreement"]:
             print(
                 f"  {label} {a['image']}: cvfm {a['cvfm']} masks, pipeline {a['pipeline']}; matched at "
-                f"IoU >= 0.95: {a['cvfm_in_pipeline']:.3f} of cvfm's, {a['pipeline_in_cvfm']:.3f} of the pipeline's"
+                f"IoU >= 0.95: {a['cvfm_in_pipeline']:.3f} of cvfm's, "
+                f"{a['pipeline_in_cvfm']:.3f} of the pipeline's"
             )
 
 

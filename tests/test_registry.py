@@ -307,6 +307,7 @@ def test_list_models():
         "cvfm/tiny-clip",
         "cvfm/tiny-blip",
         "cvfm/tiny-sam",
+        "cvfm/tiny-sam2",
         "cvfm/tiny-owlv2",
     ]
     assert all(r["source"] == "cvfm" for r in list_models("cvfm/*"))
@@ -316,6 +317,7 @@ def test_list_models():
         "cvfm/tiny-clip",
         "cvfm/tiny-blip",
         "cvfm/tiny-sam",
+        "cvfm/tiny-sam2",
         "cvfm/tiny-owlv2",
     ]
     assert [r["id"] for r in list_models("*") if r["kind"] == "image-text"] == ["cvfm/tiny-clip"]
