@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from cvfm.data.coco import write_coco
-from cvfm.data.instances import decode_mask
+from cvfm.data.digest import compare, digest_items
+from cvfm.data.instances import decode_mask, mask_target
 from cvfm.data.masks_source import open_masks
 from cvfm.data.sources import open_source, subset
 from cvfm.errors import UsageError
@@ -415,3 +417,18 @@ def _names(folder: Path, expected: dict) -> list[str]:
         for p in folder.rglob("*.*")
     }
     return [files[k] for k in expected]
+
+
+def test_the_data_digest_sees_changed_masks(scenes_coco):
+    """A resumed run compares its data's digest with the one it started on: a mask edited in between counts
+    as a change (the training targets are part of the data)."""
+    source = open_masks(str(scenes_coco))
+    before = digest_items(source)
+    edited = subset(source, range(len(source)))
+    first = edited.items[0]
+    masks = [decode_mask(m) for m in first.target["masks"]]
+    masks[0][0, 0] = not masks[0][0, 0]
+    edited.items[0] = replace(first, target=mask_target(masks))
+    changes = compare(before, digest_items(edited))
+    assert changes and "1 changed" in changes.describe()
+    assert not compare(before, digest_items(subset(source, range(len(source)))))
