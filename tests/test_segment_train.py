@@ -262,7 +262,7 @@ def test_training_lowers_the_loss(trained, scenes_coco):
 
 
 def test_the_run_loads_as_a_segmenter_with_new_decoder_and_the_same_encoder(
-    trained, scenes_coco, tiny, unlabelled, cli
+    trained, scenes_coco, tiny, unlabelled, cli, tmp_path
 ):
     segmenter = create_segmenter(str(trained))
     start, now = tiny.model.state_dict(), segmenter.model.state_dict()
@@ -278,6 +278,10 @@ def test_the_run_loads_as_a_segmenter_with_new_decoder_and_the_same_encoder(
     assert scores["data"]["instances"] > 0 and 0 <= scores["metrics"]["box_miou"] <= 1
     r = cli("segment", "prompt", trained, "--data", unlabelled, "--point", "40,30", "--precision", "fp32")
     assert r.code == 0 and len(r.lines) == 4 and all(json.loads(line)["masks"] for line in r.lines)
+    r = cli(
+        "segment", "auto", trained, "--data", unlabelled, "--points-per-side", "2", "-o", tmp_path / "auto"
+    )
+    assert one_json_line(r)["images"] == 4 and len(list((tmp_path / "auto").rglob("metadata.csv"))) == 4
 
 
 def test_train_encoder_trains_the_image_encoder_too(scenes_coco, tiny, tmp_path):
@@ -409,6 +413,9 @@ def test_train_with_pseudo_labels_adds_the_kept_masks(cli, scenes_coco, auto_out
     assert run["resolved"]["steps_per_epoch"] == (16 + len(expected)) // 8
     assert_usage_error(cli(*args, "--pseudo", auto_outputs["amg"], "-o", tmp_path / "r2"), "--pseudo-images")
     assert_usage_error(cli("segment", "train", "--data", scenes_coco, "-o", tmp_path / "r3"), "--model")
+    assert_usage_error(cli(*args, "--opt", "clicks=-1", "-o", tmp_path / "r4"), "clicks")
+    assert_usage_error(cli(*args, "--opt", "click=2", "-o", tmp_path / "r5"), "unknown option 'click'")
+    assert not any((tmp_path / f"r{i}").exists() for i in range(2, 6))  # refused before making anything
 
 
 def _names(folder: Path, expected: dict) -> list[str]:
