@@ -415,7 +415,8 @@ def test_train_with_pseudo_labels_adds_the_kept_masks(cli, scenes_coco, auto_out
     assert_usage_error(cli("segment", "train", "--data", scenes_coco, "-o", tmp_path / "r3"), "--model")
     assert_usage_error(cli(*args, "--opt", "clicks=-1", "-o", tmp_path / "r4"), "clicks")
     assert_usage_error(cli(*args, "--opt", "click=2", "-o", tmp_path / "r5"), "unknown option 'click'")
-    assert not any((tmp_path / f"r{i}").exists() for i in range(2, 6))  # refused before making anything
+    assert_usage_error(cli(*args, "--pseudo-min-iou", "0.9", "-o", tmp_path / "r6"), "go with --pseudo")
+    assert not any((tmp_path / f"r{i}").exists() for i in range(2, 7))  # refused before making anything
 
 
 def _names(folder: Path, expected: dict) -> list[str]:

@@ -192,7 +192,7 @@ def train(
         "images/ and masks/ (instance-id PNGs). Not needed with --resume.",
     ),
     output: str = common.RunOutput,
-    split: str = typer.Option(None, "--split", help="Split of --data (builtin:animal-scenes: train)."),
+    split: str = typer.Option(None, "--split", help="Split of --data (default for a built-in set: train)."),
     image_root: str = typer.Option(None, "--image-root", help="Folder of a COCO file's images."),
     pseudo: str = typer.Option(
         None,

@@ -55,6 +55,8 @@ def segment_train(cfg: SegmentTrainConfig, on_step: Callable[[int], None] | None
     The first Ctrl-C / SIGTERM stops the run after the current step and saves a checkpoint (raising
     `cvfm.runtime.stop.Interrupted`); `resume=True` continues it, from its own run.json config."""
     cfg = resumed_config(cfg, "cvfm segment train")
+    if cfg.split is None and cfg.data.startswith("builtin:"):
+        cfg = replace(cfg, split="train")  # a built-in set's test split is for `cvfm evaluate segmentation`
     run = RunDir(cfg.output, overwrite=cfg.overwrite, resume=cfg.resume)  # refuse early, create later
     recipe = replace(configure(SamTrainConfig, cfg.options), train_encoder=cfg.train_encoder)
     source, data_record = training_data(cfg)
@@ -74,8 +76,11 @@ def segment_train(cfg: SegmentTrainConfig, on_step: Callable[[int], None] | None
 
 def training_data(cfg: SegmentTrainConfig) -> tuple[ImageSource, dict]:
     """The labelled images with masks, then the pseudo-labelled ones; images without masks left out."""
-    if cfg.pseudo_images and not cfg.pseudo:
-        raise UsageError("--pseudo-images names the images of a --pseudo auto output: give --pseudo too")
+    pseudo_only = (cfg.pseudo_images, cfg.pseudo_split, cfg.pseudo_min_iou, cfg.pseudo_min_stability)
+    if not cfg.pseudo and any(pseudo_only):
+        raise UsageError(
+            "--pseudo-images, --pseudo-split and --pseudo-min-* go with --pseudo (an auto output)"
+        )
     labelled = with_masks(open_masks(cfg.data, split=cfg.split, image_root=cfg.image_root, strict=cfg.strict))
     record = {"name": labelled.name, "images": len(labelled), "masks": _count(labelled)}
     if not cfg.pseudo:
