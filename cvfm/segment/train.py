@@ -58,7 +58,8 @@ def segment_train(cfg: SegmentTrainConfig, on_step: Callable[[int], None] | None
     if cfg.split is None and cfg.data.startswith("builtin:"):
         cfg = replace(cfg, split="train")  # a built-in set's test split is for `cvfm evaluate segmentation`
     run = RunDir(cfg.output, overwrite=cfg.overwrite, resume=cfg.resume)  # refuse early, create later
-    recipe = replace(configure(SamTrainConfig, cfg.options), train_encoder=cfg.train_encoder)
+    recipe = configure(SamTrainConfig, cfg.options)
+    recipe = replace(recipe, train_encoder=recipe.train_encoder or cfg.train_encoder)
     source, data_record = training_data(cfg)
     torch.manual_seed(cfg.seed)
     segmenter = create_segmenter(cfg.model, trust_remote_code=cfg.trust_remote_code)
