@@ -355,3 +355,39 @@ def test_segment_auto_killed_and_rerun_writes_the_same_masks(scene_folder, tmp_p
     for rel in files:
         assert (out / rel).read_bytes() == (tmp_path / "full" / rel).read_bytes(), rel
     assert sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file()) == files  # no leftovers
+
+
+@pytest.fixture(scope="module")
+def scene_coco(tmp_path_factory) -> Path:
+    """16 images of builtin:animal-scenes (test) with their instance masks, as a COCO instances file."""
+    from cvfm.data.coco import write_coco
+    from cvfm.data.masks_source import open_masks
+    from cvfm.data.sources import subset
+
+    folder = tmp_path_factory.mktemp("scene_coco") / "coco"
+    write_coco(subset(open_masks("builtin:animal-scenes", split="test"), range(16)), folder)
+    return folder / "annotations.json"
+
+
+# 16 images in batches of 4: 4 steps an epoch, 8 in all; checkpoints at steps 2, 4, 6 and 8.
+SEGMENT_TRAIN = ["--model", "cvfm/tiny-sam", "--epochs", "2", "--batch-size", "4", "--seed", "3"]
+SEGMENT_TRAIN += ["--lr", "3e-3", "--checkpoint-every", "2", "--opt", "clicks=1", "--opt", "refine=1"]
+
+
+@pytest.mark.slow
+def test_segment_train_killed_resumes_exactly(scene_coco, tmp_path):
+    """SAM training killed after its step-4 checkpoint (default workers); --resume in a new process ends
+    with the weights and metrics of an uninterrupted run: the prompts, clicks and masks drawn at each step
+    are the same."""
+    args = ["segment", "train", "--data", scene_coco, *SEGMENT_TRAIN]
+    cvfm(*args, "-o", tmp_path / "full")
+    part = tmp_path / "part"
+    interrupt([*args, "-o", part], _checkpoint(part, 4), signal.SIGKILL, tmp_path / "killed.log")
+    assert not (part / "backbone").exists() and _status(part) == "running"
+
+    err = cvfm("segment", "train", "-o", part, "--resume")
+    assert 4 <= _resumed_at(err, part) < 8
+    full = tmp_path / "full"
+    _same_tensors(full / "backbone" / "model.safetensors", part / "backbone" / "model.safetensors")
+    assert _metrics(part) == _metrics(full) and _status(part) == "finished"
+    assert len([r for r in _metrics(full) if "train/loss" in r]) == 8

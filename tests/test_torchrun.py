@@ -244,3 +244,20 @@ def test_retrain_shares_the_original_global_batch_among_its_processes(tmp_path):
         _same_global_batch(recipe, str(model), world=5)
     frozen = FinetuneConfig(data="d", output=str(model), batch_size=6, freeze=True)
     assert _same_global_batch(frozen, str(model), world=5).batch_size == 6  # fitted on one process
+
+
+@pytest.mark.slow
+def test_segment_train_on_two_processes_with_boxes_only(tmp_path):
+    """SAM training under DDP: a step with no point prompt leaves the point embeddings out of the loss,
+    which DDP (without find_unused_parameters) refuses unless every trainable parameter joins the graph."""
+    from cvfm.data.coco import write_coco
+    from cvfm.data.masks_source import open_masks
+    from cvfm.data.sources import subset
+
+    write_coco(subset(open_masks("builtin:animal-scenes", split="test"), range(8)), tmp_path / "coco")
+    args = ["segment", "train", "--model", "cvfm/tiny-sam", "--data", tmp_path / "coco" / "annotations.json"]
+    args += ["--epochs", "1", "--batch-size", "2", "--num-workers", "0", "-o", tmp_path / "run"]
+    _cvfm(*args, "--opt", "box_share=1", "--opt", "clicks=0", "--opt", "refine=0", processes=2)
+    run = _run_json(tmp_path / "run")
+    assert run["status"] == "finished" and run["resolved"]["num_processes"] == 2 and run["step"] == 2
+    assert (tmp_path / "run" / "backbone" / "model.safetensors").is_file()

@@ -41,6 +41,12 @@ def pretrained_option(default: bool, note: str = ""):
 
 RunOutput = typer.Option(..., "--output", "-o", help="Run folder (refused if it exists, see --overwrite).")
 RunOverwrite = typer.Option(False, "--overwrite", help="Replace an existing run folder.")
+# The training loop's options (cvfm pretrain, cvfm segment train)
+GradAccum = typer.Option(1, "--grad-accum", min=1, help="Gradient accumulation steps.")
+TrainPrecision = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 (mixed precision).")
+CheckpointEvery = typer.Option(500, "--checkpoint-every", min=1, help="Steps between checkpoints.")
+Log = typer.Option(["jsonl"], "--log", help="jsonl (always on), tensorboard, wandb.")
+Resume = typer.Option(False, "--resume", help="Continue the run in --output from its last checkpoint.")
 Exclude = typer.Option(
     None,
     "--exclude",

@@ -41,13 +41,13 @@ def pretrain(
         help="Peak learning rate (default: method's base lr x sqrt(batch / 256); "
         "supervised: 0.1 x batch / 256).",
     ),
-    grad_accum: int = typer.Option(1, "--grad-accum", min=1, help="Gradient accumulation steps."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 (mixed precision)."),
+    grad_accum: int = common.GradAccum,
+    precision: str = common.TrainPrecision,
     seed: int = typer.Option(0, "--seed"),
     num_workers: int = common.RunWorkers,
-    checkpoint_every: int = typer.Option(500, "--checkpoint-every", min=1, help="Steps between checkpoints."),
+    checkpoint_every: int = common.CheckpointEvery,
     monitor: str = typer.Option(None, "--monitor", help="Labelled data for an online k-NN each epoch."),
-    log: list[str] = typer.Option(["jsonl"], "--log", help="jsonl (always on), tensorboard, wandb."),
+    log: list[str] = common.Log,
     opt: list[str] = typer.Option(None, "--opt", help="Method option key=value, e.g. --opt local_crops=4."),
     image_column: str = common.ImageColumn,
     label_column: str = common.LabelColumn,
@@ -61,9 +61,7 @@ def pretrain(
     ledger: str = common.Ledger,
     strict: bool = common.Strict,
     overwrite: bool = common.RunOverwrite,
-    resume: bool = typer.Option(
-        False, "--resume", help="Continue the run in --output from its last checkpoint."
-    ),
+    resume: bool = common.Resume,
 ) -> None:
     """Pre-train a backbone without labels (SimCLR, BYOL, DINO), or an image-text model (CLIP); fine-tune
     BLIP's captioner (LM loss) or filter (ITC + ITM with hard negatives) on clean pairs, as BLIP does

@@ -143,7 +143,7 @@ def _key(value):
     return value if isinstance(value, (int, str)) else repr(value)
 
 
-def _rle(segmentation, h: int, w: int) -> dict:
+def segmentation_rle(segmentation, h: int, w: int) -> dict:
     """A compressed RLE of a COCO segmentation (polygons, uncompressed or compressed RLE), as
     `COCO.annToRLE` makes it."""
     if isinstance(segmentation, list):
@@ -177,7 +177,7 @@ def _image(record: dict, anns: list[dict], root: Path, index: dict) -> tuple[Pat
         if ann.get("category_id") not in index:
             raise ValueError(f"annotation {ann.get('id')} has unknown category_id {ann.get('category_id')!r}")
         try:
-            rle = _rle(ann.get("segmentation"), h, w)
+            rle = segmentation_rle(ann.get("segmentation"), h, w)
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise ValueError(f"annotation {ann.get('id')} has no usable segmentation ({e!r})") from None
         if [int(s) for s in rle["size"]] != [h, w]:

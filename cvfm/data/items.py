@@ -129,6 +129,22 @@ class HFSource(ImageSource):
         return self.dataset
 
 
+@dataclass
+class ConcatSource(ImageSource):
+    """The items of several sources one after another, each loaded by its own source: an item's `ref` is
+    (source number, index in that source)."""
+
+    parts: list[ImageSource] = field(default_factory=list)
+
+    def load(self, i: int) -> Image.Image:
+        part, j = self.items[i].ref
+        return self.parts[part].load(j)
+
+    def content(self, i: int) -> bytes | None:
+        part, j = self.items[i].ref
+        return self.parts[part].content(j)
+
+
 def _file_bytes(path: str) -> bytes | None:
     try:
         return Path(path).read_bytes()

@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from cvfm.data.builtin import open_builtin
-from cvfm.data.items import UNLABELLED, DataError, HFSource, ImageSource, Item
+from cvfm.data.items import UNLABELLED, ConcatSource, DataError, HFSource, ImageSource, Item
 from cvfm.data.stream import arrived
 from cvfm.data.text import ENCODING, own_stdin, stdin_lines
 from cvfm.errors import UsageError
@@ -321,6 +321,13 @@ def subset(source: ImageSource, indices: Sequence[int]) -> ImageSource:
     view = copy.copy(source)
     view.items = [source.items[i] for i in indices]
     return view
+
+
+def concat(sources: Sequence[ImageSource], name: str) -> ImageSource:
+    """The items of `sources` one after another in one source (the first one's classes name the labels)."""
+    items = [replace(it, ref=(k, j)) for k, s in enumerate(sources) for j, it in enumerate(s.items)]
+    skipped = [entry for s in sources for entry in s.skipped]
+    return ConcatSource(name, items, sources[0].classes, skipped, parts=list(sources))
 
 
 def relabel(source: ImageSource, classes: list[str] | None, *, what: str) -> ImageSource:

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
 
 from cvfm.data.preprocess import Preprocess
 from cvfm.errors import CvfmError
@@ -154,15 +156,58 @@ class Segmenter(nn.Module):
         out = self.model(**kwargs)
         return MaskPrediction(low_res_logits=out.pred_masks[0], iou=out.iou_scores[0])
 
+    def decode_batch(
+        self,
+        features: torch.Tensor,
+        points: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        boxes: torch.Tensor | None = None,
+        mask_input: torch.Tensor | None = None,
+        multimask: bool = True,
+        intermediate: list[torch.Tensor] | None = None,
+    ) -> MaskPrediction:
+        """Masks for P prompts that each bring their own image embedding (rows of `embed_image`'s features,
+        so one call serves the prompts of several images) and may each bring their own mask: the prompts go
+        on the model's batch axis. Training decodes this way.
+
+        `features` (P, C, h, w); `points` (P, N, 2) x, y with `labels` (P, N) and `boxes` (P, 4) x0, y0,
+        x1, y1 in pixels of the model's input frame (the resized image, before padding); `mask_input`
+        (P, h', w') low-res logits; `intermediate` SAM-HQ's early features, P rows each."""
+        kwargs = {"image_embeddings": features, "multimask_output": multimask}
+        if points is not None:
+            kwargs["input_points"] = points[:, None]
+            kwargs["input_labels"] = labels[:, None].long()
+        if boxes is not None:
+            kwargs["input_boxes"] = boxes[:, None]
+        if mask_input is not None:
+            kwargs["input_masks"] = mask_input[:, None]
+        if intermediate is not None:
+            kwargs["intermediate_embeddings"] = intermediate
+        out = self.model(**kwargs)
+        return MaskPrediction(low_res_logits=out.pred_masks[:, 0], iou=out.iou_scores[:, 0])
+
+    def input_logits(self, low_res_logits: torch.Tensor) -> torch.Tensor:
+        """(..., h, w) low-res logits upsampled to the padded input frame (..., S, S), as `upscale` begins."""
+        size, lead = (self.input_size, self.input_size), low_res_logits.shape[:-2]
+        x = low_res_logits.float().reshape(-1, 1, *low_res_logits.shape[-2:])
+        return F.interpolate(x, size, mode="bilinear", align_corners=False).reshape(*lead, *size)
+
+    def input_masks(self, masks: torch.Tensor, original: tuple[int, int]) -> torch.Tensor:
+        """(P, H, W) boolean masks of an original (H, W) image in the model's input frame, (P, S, S) bool: as
+        the image goes in, resized (the longest side to S, the preprocessing's interpolation, antialiased),
+        then padded at the bottom and right; a pixel is in the mask when at least half covered."""
+        new_h, new_w = self.input_shape(original)
+        mode = InterpolationMode(self.preprocess.interpolation)
+        x = TF.resize(masks.float(), [new_h, new_w], interpolation=mode, antialias=True) >= 0.5
+        return F.pad(x, (0, self.input_size - new_w, 0, self.input_size - new_h))
+
     def upscale(self, low_res_logits: torch.Tensor, embedding: ImageEmbedding) -> torch.Tensor:
         """(P, M, h, w) low-res logits of the one image of `embedding` as (P, M, H, W) logits of its
         original size (threshold at 0 for the masks)."""
         (new_h, new_w), original = embedding.input_sizes[0], embedding.original_sizes[0]
         if self.family == "sam2":
             return F.interpolate(low_res_logits.float(), original, mode="bilinear", align_corners=False)
-        size = (self.input_size, self.input_size)
-        x = F.interpolate(low_res_logits.float(), size, mode="bilinear", align_corners=False)
-        x = x[..., :new_h, :new_w]
+        x = self.input_logits(low_res_logits)[..., :new_h, :new_w]
         return F.interpolate(x, original, mode="bilinear", align_corners=False)
 
     def save(self, folder: str | Path) -> Path:

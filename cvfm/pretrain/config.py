@@ -9,7 +9,7 @@ from cvfm.data.builtin import CAPTIONED
 from cvfm.errors import UsageError
 from cvfm.methods import method_class
 from cvfm.runtime.plan import TrainSettings
-from cvfm.runtime.run_dir import RunDir
+from cvfm.runtime.run_dir import resumed_config
 
 
 @dataclass(kw_only=True)
@@ -38,11 +38,7 @@ class PretrainConfig(TrainSettings):
 def saved_config(cfg: PretrainConfig) -> PretrainConfig:
     """With `resume`, the run's own config from its run.json (`num_workers` may change); else `cfg` with
     the default number of workers filled in."""
-    if not cfg.resume:
-        return cfg if cfg.num_workers is not None else replace(cfg, num_workers=2)
-    saved = RunDir(cfg.output, resume=True).read()["config"]
-    workers = saved["num_workers"] if cfg.num_workers is None else cfg.num_workers
-    return PretrainConfig(**{**saved, "log": tuple(saved["log"]), "resume": True, "num_workers": workers})
+    return resumed_config(cfg, "cvfm pretrain")
 
 
 def resolve_defaults(cfg: PretrainConfig) -> PretrainConfig:

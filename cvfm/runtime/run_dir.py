@@ -10,6 +10,7 @@ import json
 import platform
 import shutil
 import time
+from dataclasses import fields, replace
 from pathlib import Path
 
 import cvfm
@@ -88,6 +89,21 @@ class RunDir:
         data_items.jsonl is missing or is not the file run.json describes."""
         record = self.read().get("data_digest")
         return None if record is None else parse_digest(self.path / DIGEST_FILE, record)
+
+
+def resumed_config(cfg, command: str):
+    """With `cfg.resume`, the config the run folder `cfg.output` saved (run.json "config") as a `type(cfg)`,
+    with `resume` on and the number of workers changed only where `cfg` names one; else `cfg` with the
+    default number of workers (2). `command` names the command that writes such runs, for the error."""
+    if not cfg.resume:
+        return cfg if cfg.num_workers is not None else replace(cfg, num_workers=2)
+    saved = RunDir(cfg.output, resume=True).read().get("config")
+    names = {f.name: f for f in fields(cfg)}
+    if not isinstance(saved, dict) or not set(saved) <= set(names):
+        raise UsageError(f"cannot resume: '{cfg.output}' is not a run of {command}")
+    tuples = {k: tuple(v) for k, v in saved.items() if isinstance(getattr(cfg, k), tuple)}  # JSON lists
+    workers = saved.get("num_workers") if cfg.num_workers is None else cfg.num_workers
+    return type(cfg)(**{**saved, **tuples, "resume": True, "num_workers": workers})
 
 
 def versions() -> dict:
