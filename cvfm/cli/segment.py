@@ -1,4 +1,6 @@
-"""`cvfm segment prompt|text|auto|train|export`: Segment Anything on the command line (`cvfm.segment`)."""
+"""`cvfm segment prompt|text|auto|train|export`: Segment Anything on the command line (`cvfm.segment`).
+
+Five subcommands, each only its options over a library function (so about 400 lines of declarations)."""
 
 from __future__ import annotations
 
