@@ -333,7 +333,8 @@ AUTO = ["--points-per-side", "8", "--pred-iou-thresh", "0", "--stability-score-t
 AUTO += ["--stability-score-offset", "0.05", "--precision", "fp32"]
 
 
-@pytest.mark.parametrize("fmt", ["amg", pytest.param("coco", marks=pytest.mark.slow)])
+@pytest.mark.slow  # ~25 s; test_segment_auto_cli checks the skipping of finished images in-process
+@pytest.mark.parametrize("fmt", ["amg", "coco"])
 def test_segment_auto_killed_and_rerun_writes_the_same_masks(scene_folder, tmp_path, fmt):
     """Killed after its second image, the same command skips the finished ones and ends with the output
     of an uninterrupted run, file for file."""

@@ -14,6 +14,8 @@ from cvfm.errors import CvfmError
 from cvfm.registry import create_segmenter
 from cvfm.segment.onnx_export import onnx_prompts
 
+pytestmark = pytest.mark.slow  # the export takes ~20 s on 2 cores: `make test-slow` runs these
+
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
