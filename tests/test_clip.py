@@ -156,6 +156,7 @@ def _caption_accuracy(dual, data) -> float:
     return float(((images @ texts.T).argmax(1).numpy() == source.labels).mean())
 
 
+@pytest.mark.slow  # long; test_paired trains, saves and resumes CLIP by default
 def test_clip_trains_on_jsonl_pairs_and_saves_a_dual_encoder(tmp_path, toy_pairs):
     run = pretrain(_config(tmp_path / "run", toy_pairs, epochs=12))
     info = json.loads((run / "run.json").read_text())

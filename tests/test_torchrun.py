@@ -107,6 +107,7 @@ def dino_runs(noise, tmp_path_factory) -> dict:
     return {"two": root / "two", "one": root / "one", "stderr": two.stderr}
 
 
+@pytest.mark.slow  # ~40 s; test_embed's torchrun test and test_distributed stay in the default run
 def test_dino_on_two_processes_trains_what_one_process_does(dino_runs):
     two, one = dino_runs["two"], dino_runs["one"]
     # Both processes ran, each on its half of the global batch, with the same step plan and lr.
@@ -143,6 +144,7 @@ def test_dino_on_two_processes_trains_what_one_process_does(dino_runs):
     assert center < 1e-3
 
 
+@pytest.mark.slow  # shares the 2-process DINO runs above
 def test_the_two_process_backbone_is_plain_timm(dino_runs):
     folder = dino_runs["two"] / "backbone"
     model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
