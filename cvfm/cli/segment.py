@@ -16,6 +16,10 @@ app = typer.Typer(
 Model = typer.Argument(
     ..., help="Registry id or folder of a SAM model, e.g. cvfm/tiny-sam, hf/facebook/sam-vit-base."
 )
+# The options prompt, text and auto share (each writes per-image outputs that a rerun finishes).
+Split = typer.Option(None, "--split", help="Split of a dataset with several.")
+Precision = typer.Option("auto", "--precision", help="auto, fp32, bf16 or fp16 (auto: bf16 where native).")
+FolderOverwrite = typer.Option(False, "--overwrite", help="Replace the output folder (default: finish it).")
 
 
 @app.command("prompt")
@@ -40,15 +44,11 @@ def prompt(
         "-", "--output", "-o", help="A folder (PNG masks, masks.jsonl, overlay.png), or -."
     ),
     cache: str = typer.Option(None, "--cache", help="Keep image embeddings in this folder for later runs."),
-    split: str = typer.Option(None, "--split", help="Split of a dataset with several."),
-    precision: str = typer.Option(
-        "auto", "--precision", help="auto, fp32, bf16 or fp16 (auto: bf16 where native)."
-    ),
+    split: str = Split,
+    precision: str = Precision,
     image_column: str = common.ImageColumn,
     strict: bool = common.Strict,
-    overwrite: bool = typer.Option(
-        False, "--overwrite", help="Replace an output folder (default: finish it)."
-    ),
+    overwrite: bool = FolderOverwrite,
     pretrained: bool = common.pretrained_option(True),
     trust_remote_code: bool = common.TrustRemoteCode,
 ) -> None:
@@ -132,15 +132,11 @@ def text(
     output: str = typer.Option(
         "-", "--output", "-o", help="A folder (PNG masks, masks.jsonl, overlay.png per image), or -."
     ),
-    split: str = typer.Option(None, "--split", help="Split of a dataset with several."),
-    precision: str = typer.Option(
-        "auto", "--precision", help="auto, fp32, bf16 or fp16 (auto: bf16 where native)."
-    ),
+    split: str = Split,
+    precision: str = Precision,
     image_column: str = common.ImageColumn,
     strict: bool = common.Strict,
-    overwrite: bool = typer.Option(
-        False, "--overwrite", help="Replace an output folder (default: finish it)."
-    ),
+    overwrite: bool = FolderOverwrite,
     pretrained: bool = common.pretrained_option(True, " Applies to every model of the run."),
     trust_remote_code: bool = common.TrustRemoteCode,
     settings=None,
@@ -199,15 +195,11 @@ def auto(
     ),
     images_per_batch: int = typer.Option(1, "--images-per-batch", help="Crops through the encoder together."),
     overlays: bool = typer.Option(False, "--overlays", help="Also write overlays/<image>.png."),
-    split: str = typer.Option(None, "--split", help="Split of a dataset with several."),
-    precision: str = typer.Option(
-        "auto", "--precision", help="auto, fp32, bf16 or fp16 (auto: bf16 where native)."
-    ),
+    split: str = Split,
+    precision: str = Precision,
     image_column: str = common.ImageColumn,
     strict: bool = common.Strict,
-    overwrite: bool = typer.Option(
-        False, "--overwrite", help="Replace the output folder (default: finish it)."
-    ),
+    overwrite: bool = FolderOverwrite,
     pretrained: bool = common.pretrained_option(True),
     trust_remote_code: bool = common.TrustRemoteCode,
     settings=None,
