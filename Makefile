@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo clip-demo unlearn-demo test test-slow test-all lint bench bench-embed bench-unlearn clean
+.PHONY: setup demo clip-demo unlearn-demo test test-slow test-all lint bench bench-embed bench-segment bench-unlearn clean
 
 setup: $(VENV)/.installed
 
@@ -45,6 +45,10 @@ bench: setup
 
 bench-embed: setup
 	$(BIN)/python benchmarks/embed.py
+
+bench-segment: setup
+	$(BIN)/python -m pip install -q scikit-image
+	$(BIN)/python benchmarks/segment.py
 
 bench-unlearn: setup
 	$(BIN)/python benchmarks/unlearn.py
