@@ -1,7 +1,6 @@
 """Segment Anything benchmark: automatic masks per second against transformers' own mask-generation pipeline.
 
-    HF_HUB_OFFLINE=1 python benchmarks/segment.py --skip-quality     # speed only
-    HF_HUB_OFFLINE=1 python benchmarks/segment.py --skip-speed       # quality only
+    HF_HUB_OFFLINE=1 python benchmarks/segment.py [--size 512] [--images 3] [--rounds 3]
 
 Speed: the same weights and settings for three contenders, alternating image by image over rounds:
   pipeline  transformers' `pipeline("mask-generation")` (its own preprocessing, point batches, filtering,
@@ -15,7 +14,8 @@ a CPU), and cvfm/tiny-sam. Random weights give near-zero predicted IoUs, so ever
 with predicted IoU >= 0 and stability >= 0 (the filters still run); the masks of cvfm and the pipeline are
 matched at IoU >= 0.95 to show both find the same ones. Figures are medians of per-image seconds.
 
-Quality (`--skip-speed`): see `quality()`.
+A quality part (a trained cvfm/tiny-sam against the untrained one and a non-learned baseline) is not
+written yet.
 """
 
 from __future__ import annotations
@@ -215,8 +215,6 @@ def report(results: dict, args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--skip-speed", action="store_true")
-    p.add_argument("--skip-quality", action="store_true")
     p.add_argument("--size", type=int, default=512, help="input size of the ViT-B-shaped SAM")
     p.add_argument("--images", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3)
@@ -224,10 +222,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
-    out = {}
-    if not args.skip_speed:
-        out["speed"] = speed(args)
-        report(out["speed"], args)
+    out = {"speed": speed(args)}
+    report(out["speed"], args)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
 
