@@ -1,6 +1,6 @@
 """Segment Anything benchmark: automatic masks per second against transformers' own mask-generation pipeline.
 
-    HF_HUB_OFFLINE=1 python benchmarks/segment.py [--size 512] [--images 3] [--rounds 3]
+    HF_HUB_OFFLINE=1 python benchmarks/segment.py [--part speed|quality|all] [--size 512] [--images 3]
 
 Speed: the same weights and settings for three contenders, alternating image by image over rounds:
   pipeline  transformers' `pipeline("mask-generation")` (its own preprocessing, point batches, filtering,
@@ -14,13 +14,14 @@ a CPU), and cvfm/tiny-sam. Random weights give near-zero predicted IoUs, so ever
 with predicted IoU >= 0 and stability >= 0 (the filters still run); the masks of cvfm and the pipeline are
 matched at IoU >= 0.95 to show both find the same ones. Figures are medians of per-image seconds.
 
-A quality part (a trained cvfm/tiny-sam against the untrained one and a non-learned baseline) is not
-written yet.
+Quality (`--part quality`, benchmarks/segment_quality.py): the untrained and trained cvfm/tiny-sam against
+non-learned baselines, and the data-engine loop, all through the CLI.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import sys
@@ -38,6 +39,17 @@ import torch  # noqa: E402
 from cvfm.data.instances import decode_mask  # noqa: E402
 from cvfm.models.amg import AutoSettings, generate_masks  # noqa: E402
 from cvfm.models.segmenter import Segmenter  # noqa: E402
+
+
+def _load(name: str):
+    """A module of this folder, loaded by path (the folder itself is off sys.path, see above)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+segment_quality = _load("segment_quality")
 
 
 def say(msg: str) -> None:
@@ -221,9 +233,16 @@ def main() -> None:
     p.add_argument("--points-per-side", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--part", choices=("speed", "quality", "all"), default="all")
+    segment_quality.add_arguments(p)
     args = p.parse_args()
-    out = {"speed": speed(args)}
-    report(out["speed"], args)
+    out = {}
+    if args.part in ("quality", "all"):
+        out["quality"] = segment_quality.quality(args, Path(args.work))
+        segment_quality.report(out["quality"])
+    if args.part in ("speed", "all"):
+        out["speed"] = speed(args)
+        report(out["speed"], args)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
 

@@ -206,6 +206,55 @@ def test_decode_batch_equals_decode_per_prompt(tiny):
         torch.testing.assert_close(both.iou[i], one[i].iou[0], rtol=0, atol=1e-5)
 
 
+def test_sam2_decode_batch_takes_rows_of_every_feature_level():
+    """SAM 2's embedding is a list of levels: `rows` picks one row of each per prompt, and decoding them on
+    the batch axis equals decoding each image's prompt alone."""
+    sam2 = create_segmenter("cvfm/tiny-sam2")
+    rng = np.random.default_rng(2)
+    photos = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((81, 50), (60, 97))]
+    sizes = [(81, 50), (60, 97)]
+    with torch.no_grad():
+        emb = sam2.embed_image(torch.stack([sam2.preprocess.transform()(p) for p in photos]), sizes)
+        owner = [1, 0, 1]  # prompts of image 1, 0, 1
+        picked = emb.rows(owner)
+        assert [t.shape[0] for t in picked.features] == [3] * len(emb.features)
+        assert picked.original_sizes == [sizes[1], sizes[0], sizes[1]]
+        points = torch.tensor([[[30.0, 20.0]], [[10.0, 40.0]], [[80.0, 50.0]]])
+        batch = sam2.decode_batch(
+            picked.features,
+            torch.stack([sam2.to_input(points[i], sizes[o]) for i, o in enumerate(owner)]).float(),
+            torch.ones(3, 1, dtype=torch.long),
+        )
+        for i, o in enumerate(owner):
+            alone = sam2.decode(emb.select(o), points[i : i + 1])
+            torch.testing.assert_close(batch.low_res_logits[i], alone.low_res_logits[0], rtol=0, atol=1e-5)
+            torch.testing.assert_close(batch.iou[i], alone.iou[0], rtol=0, atol=1e-5)
+
+
+def test_sam2_trains_and_loads_back(scenes_coco, tmp_path):
+    """`segment train` on a SAM 2 (its embedding a list of feature levels): the decoder learns, the frozen
+    Hiera encoder does not change, and the run loads as a SAM 2 segmenter."""
+    cfg = SegmentTrainConfig(
+        data=str(scenes_coco),
+        output=str(tmp_path / "run"),
+        model="cvfm/tiny-sam2",
+        epochs=2,
+        batch_size=4,
+        lr=3e-3,
+        num_workers=1,
+        options={"clicks": "1", "refine": "1"},
+    )
+    run = segment_train(cfg)
+    epochs = _epochs(run)
+    assert len(epochs) == 2 and epochs[-1]["epoch/loss"] < epochs[0]["epoch/loss"]
+    loaded = create_segmenter(str(run))
+    start, now = create_segmenter("cvfm/tiny-sam2").model.state_dict(), loaded.model.state_dict()
+    assert loaded.family == "sam2" and start.keys() == now.keys()
+    assert all(torch.equal(start[k], now[k]) for k in now if k.startswith("vision_encoder."))
+    decoder = [k for k in now if k.startswith("mask_decoder.")]
+    assert sum(not torch.equal(start[k], now[k]) for k in decoder) > 0.9 * len(decoder)
+
+
 def test_masks_move_into_the_input_frame_as_the_image_does(tiny):
     """A mask drawn as an image goes through the model's preprocessing onto `input_masks`' pixels."""
     rng = np.random.default_rng(1)

@@ -48,15 +48,21 @@ class ImageEmbedding:
         features = move(self.features) if isinstance(self.features, list) else self.features.to(device)
         return ImageEmbedding(features, self.original_sizes, self.input_sizes, move(self.intermediate))
 
+    @property
+    def device(self) -> torch.device:
+        return (self.features[0] if isinstance(self.features, list) else self.features).device
+
+    def rows(self, index: torch.Tensor | list[int]) -> ImageEmbedding:
+        """The images at `index`, repeats allowed (one row per prompt, as `Segmenter.decode_batch` takes)."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        pick = lambda ts: None if ts is None else [t[index.to(t.device)] for t in ts]  # noqa: E731
+        features = pick(self.features) if isinstance(self.features, list) else pick([self.features])[0]
+        sizes = lambda ss: [ss[k] for k in index.tolist()]  # noqa: E731
+        return ImageEmbedding(features, sizes(self.original_sizes), sizes(self.input_sizes), pick(self.intermediate))
+
     def select(self, i: int) -> ImageEmbedding:
         """Image i alone."""
-        inter = None if self.intermediate is None else [t[i : i + 1] for t in self.intermediate]
-        one = (
-            [t[i : i + 1] for t in self.features]
-            if isinstance(self.features, list)
-            else self.features[i : i + 1]
-        )
-        return ImageEmbedding(one, [self.original_sizes[i]], [self.input_sizes[i]], inter)
+        return self.rows([i])
 
 
 @dataclass
@@ -132,10 +138,7 @@ class Segmenter(nn.Module):
             raise CvfmError("decode takes the embedding of one image: use embedding.select(i)")
         if points is None and boxes is None and mask_input is None:
             raise CvfmError("give at least one prompt: points, boxes or a mask")
-        original = embedding.original_sizes[0]
-        device = (
-            embedding.features[0] if isinstance(embedding.features, list) else embedding.features
-        ).device
+        original, device = embedding.original_sizes[0], embedding.device
         kwargs = {"image_embeddings": embedding.features, "multimask_output": multimask}
         if points is not None:
             if labels is None:
@@ -158,7 +161,7 @@ class Segmenter(nn.Module):
 
     def decode_batch(
         self,
-        features: torch.Tensor,
+        features: torch.Tensor | list[torch.Tensor],
         points: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         boxes: torch.Tensor | None = None,
@@ -170,7 +173,7 @@ class Segmenter(nn.Module):
         so one call serves the prompts of several images) and may each bring their own mask: the prompts go
         on the model's batch axis. Training decodes this way.
 
-        `features` (P, C, h, w); `points` (P, N, 2) x, y with `labels` (P, N) and `boxes` (P, 4) x0, y0,
+        `features` (P, C, h, w) (SAM 2: P rows of each feature level); `points` (P, N, 2) x, y with `labels` (P, N) and `boxes` (P, 4) x0, y0,
         x1, y1 in pixels of the model's input frame (the resized image, before padding); `mask_input`
         (P, h', w') low-res logits; `intermediate` SAM-HQ's early features, P rows each."""
         kwargs = {"image_embeddings": features, "multimask_output": multimask}

@@ -27,7 +27,7 @@ def tiny_sam_config():
     from transformers import SamConfig
 
     patch = 8
-    return SamConfig(
+    config = SamConfig(
         vision_config={
             "hidden_size": 48,
             "output_channels": 32,
@@ -55,6 +55,13 @@ def tiny_sam_config():
             "iou_head_hidden_dim": 32,
         },
     )
+    # The random Fourier features that place prompts and image tokens: segment-anything draws them
+    # N(0, 1) (PositionEmbeddingRandom's scale 1.0); transformers' SamVisionConfig sets the scale to
+    # hidden_size // 2 (24 here), frequencies so high that nearby positions look unrelated and a random
+    # model cannot learn where a prompt is. Real checkpoints bring their own, so this matters for
+    # random models only.
+    config.vision_config.scale = 1.0
+    return config
 
 
 def build_tiny_sam(seed: int = 0):

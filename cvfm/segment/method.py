@@ -114,7 +114,7 @@ class SamTraining(Method):
         """Up to `instances` masks drawn from each image's target, in the model's input frame: (P, S, S)
         bool on the device, and (P,) the image each belongs to. Masks left empty at that size are dropped."""
         segmenter: Segmenter = self.encoder
-        device = embedding.features.device
+        device = embedding.device
         found, owner = [], []
         for i, target in enumerate(batch["target"]):
             rles, size = target["masks"], embedding.original_sizes[i]
@@ -148,10 +148,8 @@ class SamTraining(Method):
         (P, iterations) losses and parts (`prompt_loss`'s)."""
         segmenter: Segmenter = self.encoder
         device = masks.device
-        rows = owner.to(device)
-        features = embedding.features[rows]
-        early = None if embedding.intermediate is None else [t[rows] for t in embedding.intermediate]
-        shapes = [embedding.input_sizes[i] for i in owner.tolist()]
+        mine = embedding.rows(owner)
+        shapes = mine.input_sizes
         valid = valid_area(shapes, segmenter.input_size, device)
         points = labels = boxes = previous = target = None
         if boxed:
@@ -166,7 +164,7 @@ class SamTraining(Method):
                 points = xy[:, None] if points is None else torch.cat([points, xy[:, None]], 1)
                 labels = label[:, None] if labels is None else torch.cat([labels, label[:, None]], 1)
             multimask = previous is None and not boxed  # one point alone is ambiguous: 3 candidates
-            pred = segmenter.decode_batch(features, points, labels, boxes, previous, multimask, early)
+            pred = segmenter.decode_batch(mine.features, points, labels, boxes, previous, multimask, mine.intermediate)
             logits = pred.low_res_logits.float()
             if target is None:
                 target = low_res(masks, logits.shape[-2:])
