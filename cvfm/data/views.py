@@ -1,7 +1,8 @@
 """Augmented views for self-supervised methods.
 
 Recipes follow the papers: SimCLR (Chen et al. 2020, App. A), BYOL (Grill et al. 2020, Table 6:
-asymmetric blur/solarize) and DINO's multi-crop (Caron et al. 2021, main_dino.py). Blur is only used
+asymmetric blur/solarize), DINO's multi-crop (Caron et al. 2021, main_dino.py) and MAE's crop and flip
+(He et al. 2022, main_pretrain.py). Blur is only used
 for images of 64 px and more, as solo-learn's CIFAR recipes do: on tiny images it erases the content.
 The evaluation transform is `Preprocess.transform()` (cvfm/data/preprocess.py; importable from here too).
 """
@@ -72,3 +73,20 @@ def multi_crop(
     g2 = _augment(pre, pre.size, global_scale, blur_p=0.1, solarize_p=0.2)
     local = _augment(pre, local_size, local_scale, blur_p=0.5, solarize_p=0.0)
     return MultiView([g1, g2] + [local] * local_crops)
+
+
+def crop_flip(pre: Preprocess, *, min_scale: float = 0.2) -> MultiView:
+    """MAE's one view (main_pretrain.py): a random resized crop (bicubic, scale 0.2-1) and a horizontal flip;
+    no colour changes."""
+    t = T.Compose(
+        [
+            T.ToImage(),
+            T.RandomResizedCrop(
+                pre.size, scale=(min_scale, 1.0), interpolation=InterpolationMode.BICUBIC, antialias=True
+            ),
+            T.RandomHorizontalFlip(),
+            T.ToDtype(torch.float32, scale=True),
+            T.Normalize(pre.mean, pre.std),
+        ]
+    )
+    return MultiView([t])

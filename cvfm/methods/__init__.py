@@ -7,6 +7,7 @@ from cvfm.methods.blip import BLIPCaptioner, BLIPCaptionerConfig, BLIPFilter, BL
 from cvfm.methods.byol import BYOL, BYOLConfig
 from cvfm.methods.clip import CLIP, CLIPConfig
 from cvfm.methods.dino import DINO, DINOConfig
+from cvfm.methods.mae import MAE, MAEConfig
 from cvfm.methods.simclr import SimCLR, SimCLRConfig
 from cvfm.methods.supervised import Supervised, SupervisedConfig
 
@@ -14,6 +15,7 @@ METHODS: dict[str, tuple[type[Method], type]] = {
     "simclr": (SimCLR, SimCLRConfig),
     "byol": (BYOL, BYOLConfig),
     "dino": (DINO, DINOConfig),
+    "mae": (MAE, MAEConfig),
     "clip": (CLIP, CLIPConfig),
     "blip-captioner": (BLIPCaptioner, BLIPCaptionerConfig),  # BLIP fine-tuning before CapFilt
     "blip-filter": (BLIPFilter, BLIPFilterConfig),

@@ -7,12 +7,14 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import fields
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from cvfm.data.loader import collate
+from cvfm.data.sources import ImageSource
 from cvfm.data.views import MultiView
 from cvfm.errors import UsageError
 from cvfm.models.dual import DualEncoder
@@ -85,6 +87,10 @@ class Method(nn.Module, abc.ABC):
 
     def after_optimizer_step(self, step: int) -> None:
         """Hook after the update (EMA targets move here)."""
+
+    def after_training(self, folder: Path, source: ImageSource) -> None:
+        """Hook once the trained model is exported to the run `folder`, before the run is marked finished
+        (main process; `source`: the training data): MAE draws reconstructions.png here."""
 
     def peak_lr(self, batch_size: int) -> float:
         """The learning rate when --lr is left out: `base_lr` x sqrt(global batch / 256)."""

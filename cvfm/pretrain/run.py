@@ -50,6 +50,7 @@ def pretrain(
         budget,
         evaluate=monitor,
         on_step=on_step,
+        on_end=lambda folder: method.after_training(folder, source),
         record={
             "config": asdict(cfg),
             "method_config": asdict(method.cfg),

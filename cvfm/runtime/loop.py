@@ -74,13 +74,15 @@ class Trainer:
         record: dict | None = None,
         evaluate: Evaluate | None = None,
         on_step: Callable[[int], None] | None = None,
+        on_end: Callable[[Path], None] | None = None,
     ) -> Path:
         """Train `method` on `source`; `record` goes into run.json beside the resolved settings.
 
         `evaluate(model, device)` (main process only) scores `method.encoder` before training and after
-        each epoch; its dict is logged. `on_step(step)` is called after each optimizer step. The first
-        Ctrl-C / SIGTERM stops the run after the current step and saves a checkpoint (raising
-        `Interrupted`); a run created with `resume=True` continues from it.
+        each epoch; its dict is logged. `on_step(step)` is called after each optimizer step; `on_end(folder)`
+        (main process) once the export is written, before the run is marked finished. The first Ctrl-C /
+        SIGTERM stops the run after the current step and saves a checkpoint (raising `Interrupted`); a run
+        created with `resume=True` continues from it.
         """
         self._prepare(method, source, budget)
         settings, acc, run = self.settings, self.accelerator, self.run
@@ -110,6 +112,8 @@ class Trainer:
         acc.wait_for_everyone()
         if self.is_main:
             save_atomically(self.core.encoder, run.path / self.core.export_dir)
+            if on_end:
+                on_end(run.path)
         self._finish("finished", t0)
         return run.path
 
