@@ -205,11 +205,21 @@ def test_pretrain_sigterm_mid_epoch_resumes_exactly_with_the_run_threads(pretrai
     assert threads == min(2, len(os.sched_getaffinity(0)))  # the 2 CPUs: none left to decoding workers
 
 
-def test_mae_killed_resumes_exactly(digit_folder, tmp_path):
-    """MAE (a decoder beside the encoder, a fresh random mask every step) killed after its step-2
-    checkpoint, resumed in a new process: the encoder, the decoder and the metrics of an uninterrupted run."""
-    recipe = ["mae" if a == "simclr" else a for a in PRETRAIN]  # 8 steps, checkpoints every 2
-    args = ["pretrain", "--data", digit_folder, *recipe, "--num-workers", "0"]
+@pytest.mark.parametrize(
+    ("method", "extra", "part_of_state"),
+    [
+        ("mae", [], "decoder."),
+        # 8 steps of 16 images (the last --epochs / --batch-size given wins), no local crops: half the work
+        ("dinov2", ["--opt", "local_crops=0", "--epochs", "1", "--batch-size", "16"], "patch_head."),
+    ],
+    ids=["mae", "dinov2"],
+)
+def test_masked_image_modelling_killed_resumes_exactly(digit_folder, tmp_path, method, extra, part_of_state):
+    """MAE (a decoder beside the encoder, a fresh random mask every step) and DINOv2 (block masks, an EMA
+    teacher, Sinkhorn-Knopp, KoLeo, a patch head) killed after their step-2 checkpoint, resumed in a new
+    process: the encoder, the heads and the metrics of an uninterrupted run."""
+    recipe = [method if a == "simclr" else a for a in PRETRAIN]  # 8 steps, checkpoints every 2
+    args = ["pretrain", "--data", digit_folder, *recipe, *extra, "--num-workers", "0"]
     full, part = tmp_path / "full", tmp_path / "part"
     cvfm(*args, "-o", full)
     interrupt([*args, "-o", part], _checkpoint(part, 2), signal.SIGKILL, tmp_path / "killed.log")
@@ -218,8 +228,8 @@ def test_mae_killed_resumes_exactly(digit_folder, tmp_path):
     err = cvfm("pretrain", "-o", part, "--resume")
     assert 2 <= _resumed_at(err, part) < 8
     _same_tensors(full / "backbone" / "model.safetensors", part / "backbone" / "model.safetensors")
-    last = Path("checkpoints") / "step-00000008" / "model.safetensors"  # encoder and decoder
-    assert any(k.startswith("decoder.") for k in load_file(full / last))
+    last = Path("checkpoints") / "step-00000008" / "model.safetensors"  # the encoder and what trains with it
+    assert any(k.startswith(part_of_state) for k in load_file(full / last))
     _same_tensors(full / last, part / last)
     assert _metrics(part) == _metrics(full) and _status(part) == "finished"
 

@@ -15,13 +15,15 @@ def pretrain(
         "dino",
         "--method",
         "-m",
-        help="simclr, byol, dino; mae (masked autoencoder, a ViT); clip (image-text); blip-captioner, "
+        help="simclr, byol, dino; ibot, dinov2 (DINO + masked patch tokens) and mae (masked autoencoder), "
+        "on a ViT; clip (image-text); blip-captioner, "
         "blip-filter (BLIP fine-tuning); supervised (a classifier on the labels, as cvfm finetune).",
     ),
     model: str = typer.Option(
         None,
         "--model",
-        help="Registry id of the backbone (default cvfm/tiny-resnet; mae: a ViT, default cvfm/tiny-vit); "
+        help="Registry id of the backbone (default cvfm/tiny-resnet; ibot, dinov2, mae: a ViT, default "
+        "cvfm/tiny-vit); "
         "for clip an image-text model (default cvfm/tiny-clip), or any image encoder with --text-model; "
         "for blip-* a BLIP model, loaded with its weights (default cvfm/tiny-blip; hf/<BLIP repo>, a folder "
         "or a blip-* run).",
@@ -64,16 +66,17 @@ def pretrain(
     overwrite: bool = common.RunOverwrite,
     resume: bool = common.Resume,
 ) -> None:
-    """Pre-train a backbone without labels (SimCLR, BYOL, DINO, MAE), or an image-text model (CLIP);
-    fine-tune BLIP's captioner (LM loss) or filter (ITC + ITM with hard negatives) on clean pairs, as BLIP
-    does before CapFilt.
+    """Pre-train a backbone without labels (SimCLR, BYOL, DINO, iBOT, DINOv2, MAE), or an image-text model
+    (CLIP); fine-tune BLIP's captioner (LM loss) or filter (ITC + ITM with hard negatives) on clean pairs,
+    as BLIP does before CapFilt.
 
     Writes run.json, metrics.jsonl, curves.png, checkpoints/ and backbone/ (safetensors, loadable as
     --model <run folder> and by timm.create_model('local-dir:<run>/backbone'); for clip the whole
     image-text model, in its own layout; with --text-model backbone/ holds paired.json, image/ (the
     image encoder's layout), text/ and heads.safetensors; for blip-captioner / blip-filter the fine-tuned
     captioner / matcher, which `cvfm capfilt` and create_captioner / create_matcher load from the run
-    folder; for mae the encoder alone, its decoder stays in checkpoints/; --opt reconstructions=N adds
+    folder; for ibot / dinov2 / mae the encoder alone (no heads, mask token or decoder: they stay in
+    checkpoints/); --opt reconstructions=N adds
     reconstructions.png: N images, masked and reconstructed). Prints the run folder.
     Ctrl-C or SIGTERM writes a checkpoint first. --resume continues from the last whole checkpoint (also
     after a kill) and ends with the weights of an uninterrupted run: bit for bit on CPU, where the run keeps
@@ -87,6 +90,8 @@ def pretrain(
       cvfm pretrain --data photos/ --model timm/resnet18 --method simclr --precision bf16 -o runs/simclr
 
       cvfm pretrain -d builtin:animal-mnist --split train -m mae --opt reconstructions=8 -o runs/mae
+
+      cvfm pretrain -d builtin:animal-mnist --split train -m dinov2 --opt sinkhorn_knopp=false -o runs/dinov2
 
       cvfm pretrain --data builtin:animal-captions --split train --method clip -o runs/clip
 

@@ -7,6 +7,8 @@ from cvfm.methods.blip import BLIPCaptioner, BLIPCaptionerConfig, BLIPFilter, BL
 from cvfm.methods.byol import BYOL, BYOLConfig
 from cvfm.methods.clip import CLIP, CLIPConfig
 from cvfm.methods.dino import DINO, DINOConfig
+from cvfm.methods.dinov2 import DINOv2, DINOv2Config
+from cvfm.methods.ibot import IBOT, IBOTConfig
 from cvfm.methods.mae import MAE, MAEConfig
 from cvfm.methods.simclr import SimCLR, SimCLRConfig
 from cvfm.methods.supervised import Supervised, SupervisedConfig
@@ -15,6 +17,8 @@ METHODS: dict[str, tuple[type[Method], type]] = {
     "simclr": (SimCLR, SimCLRConfig),
     "byol": (BYOL, BYOLConfig),
     "dino": (DINO, DINOConfig),
+    "ibot": (IBOT, IBOTConfig),
+    "dinov2": (DINOv2, DINOv2Config),
     "mae": (MAE, MAEConfig),
     "clip": (CLIP, CLIPConfig),
     "blip-captioner": (BLIPCaptioner, BLIPCaptionerConfig),  # BLIP fine-tuning before CapFilt

@@ -16,9 +16,10 @@ from torch import nn
 from cvfm.data.loader import collate
 from cvfm.data.sources import ImageSource
 from cvfm.data.views import MultiView
-from cvfm.errors import UsageError
+from cvfm.errors import CvfmError, UsageError
 from cvfm.models.dual import DualEncoder
 from cvfm.models.encoder import Encoder
+from cvfm.registry.presets import PRESETS
 from cvfm.runtime.plan import Budget
 
 
@@ -204,3 +205,25 @@ def feature_std(z: torch.Tensor) -> float:
     """Mean per-dimension std of L2-normalised features: 0 means collapse, ~1/sqrt(D) is healthy."""
     z = nn.functional.normalize(z.float(), dim=-1)
     return float(z.std(dim=0).mean()) if z.shape[0] > 1 else math.nan
+
+
+def require_patch_masking(encoder: Encoder, method: str, drop: bool) -> None:
+    """Masked image modelling needs a ViT that masks patch tokens: left out (`drop`, MAE) or replaced by the
+    learned mask token (iBOT, DINOv2: added here). Anything else is a usage error that names
+    the models that can."""
+    size = encoder.preprocess.size
+    try:
+        if not drop:
+            encoder.add_mask_token()
+        rows, cols = encoder.token_grid(size, size)
+        mask = torch.zeros(1, rows * cols, dtype=torch.bool)
+        with torch.no_grad():
+            encoder.encode(torch.zeros(1, 3, size, size), mask, drop=drop)
+    except CvfmError:
+        vits = ", ".join(k for k, p in PRESETS.items() if p.arch.startswith("vit"))
+        how = "leave patches out" if drop else "replace patches by a mask token"
+        raise UsageError(
+            f"--method {method} masks a ViT's patch tokens, and '{encoder.name}' cannot {how}: use a ViT "
+            f"with patch tokens ({vits}, a timm ViT such as timm/vit_small_patch16_224, or a run folder "
+            "holding one)"
+        ) from None

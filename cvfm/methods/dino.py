@@ -5,7 +5,8 @@ Defaults are main_dino.py's: student temperature 0.1, teacher 0.04 -> 0.07 warm-
 for the first epoch (at most 10% of the run), AdamW. One deviation: the learning rate is 2e-3 at batch
 256, sqrt-scaled (1e-3 at batch 64, 4e-3 at 1024), not 5e-4 x batch / 256. On Animal-MNIST at batch 64,
 1e-3 beat 5e-4 and 2e-3 (3 epochs, BN head, k-NN 79.9 vs 78.1 and 76.5). Sizes that depend on the data are
-resolved from the dataset (see `DINOConfig.resolve`) and recorded in run.json.
+resolved from the dataset (see `DINOConfig.resolve`) and recorded in run.json. Two options from DINOv2, off
+by default: the KoLeo regulariser (`koleo_weight`) and Sinkhorn-Knopp teacher targets (`sinkhorn_knopp`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,6 +22,7 @@ from torch import nn
 from cvfm.data.views import MultiView, multi_crop
 from cvfm.errors import UsageError
 from cvfm.methods.base import Budget, Method, ema_update, feature_std, frozen_copy
+from cvfm.methods.koleo import koleo_loss
 from cvfm.runtime.schedules import cosine, linear_then_constant
 
 
@@ -43,6 +46,8 @@ class DINOConfig:
     freeze_last_layer_epochs: float = 1
     centering: bool = True  # off only to study collapse
     sharpening: bool = True  # off: the teacher uses the student's temperature
+    sinkhorn_knopp: bool = False  # DINOv2's alternative to centring: 3 Sinkhorn-Knopp iterations
+    koleo_weight: float = 0.0  # DINOv2's KoLeo regulariser on the student's global-crop embeddings
 
     def resolve(self, encoder, budget: Budget) -> DINOConfig:
         n, embed_dim, global_size = budget.num_images, encoder.num_features, encoder.preprocess.size
@@ -129,8 +134,16 @@ def dino_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy between the centred, sharpened teacher on the 2 global crops and the student
     on every other crop. Returns (loss, teacher probabilities)."""
-    student = (student_out / student_temp).chunk(n_crops)
     teacher_probs = F.softmax((teacher_out - center) / teacher_temp, dim=-1)
+    return cross_view_loss(student_out, teacher_probs, n_crops, student_temp), teacher_probs
+
+
+def cross_view_loss(
+    student_out: torch.Tensor, teacher_probs: torch.Tensor, n_crops: int, student_temp: float
+) -> torch.Tensor:
+    """The mean cross-entropy of the teacher's probabilities on each global crop against the student's
+    logits on every other crop (`n_crops` chunks, the 2 global crops first)."""
+    student = (student_out / student_temp).chunk(n_crops)
     teacher = teacher_probs.detach().chunk(2)
     total, pairs = 0.0, 0
     for iq, q in enumerate(teacher):
@@ -139,7 +152,37 @@ def dino_loss(
                 continue
             total = total + torch.sum(-q * F.log_softmax(s, dim=-1), dim=-1).mean()
             pairs += 1
-    return total / pairs, teacher_probs
+    return total / pairs
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _all_reduce(x: torch.Tensor, op=None) -> torch.Tensor:
+    """`x` summed (or reduced by `op`) over all processes, in place; itself on one process."""
+    if _distributed():
+        torch.distributed.all_reduce(x, op=op or torch.distributed.ReduceOp.SUM)
+    return x
+
+
+@torch.no_grad()
+def sinkhorn_knopp(teacher_out: torch.Tensor, temp: float, iterations: int = 3) -> torch.Tensor:
+    """DINOv2's teacher targets (dino_clstoken_loss.py): exp(logits / temp) scaled alternately so that
+    every prototype gets 1/K of the mass and every sample 1/B (B: the samples of all processes); returned
+    per sample, so each row sums to 1 and each column to about B/K (exactly, once converged)."""
+    logits = teacher_out.float() / temp
+    top = logits.max()  # a common shift keeps exp finite and changes nothing after normalising
+    if _distributed():
+        _all_reduce(top, torch.distributed.ReduceOp.MAX)
+    q = torch.exp(logits - top).t()  # (K, B)
+    prototypes = q.shape[0]
+    samples = float(_all_reduce(torch.tensor(float(q.shape[1]), device=q.device)))  # ranks' counts may differ
+    q /= _all_reduce(q.sum())
+    for _ in range(iterations):
+        q /= _all_reduce(q.sum(dim=1, keepdim=True)) * prototypes
+        q /= q.sum(dim=0, keepdim=True) * samples
+    return (q * samples).t()
 
 
 class DINO(Method):
@@ -153,29 +196,45 @@ class DINO(Method):
         super().__init__(encoder, cfg, budget)
         if cfg.local_crops:
             _check_input_size(encoder, cfg.local_size)
-        self.head = DINOHead(
-            encoder.num_features,
-            cfg.out_dim,
-            cfg.hidden_dim,
-            cfg.bottleneck_dim,
-            cfg.head_bn,
-            cfg.norm_last_layer,
-        )
-        self.teacher = frozen_copy(nn.Sequential(encoder, self.head))
+        self.head = self.new_head(cfg.out_dim)
+        self.add_heads()
+        self.teacher = frozen_copy(self.online())
         self.register_buffer("center", torch.zeros(1, cfg.out_dim))
         steps, per_epoch = budget.total_steps, budget.steps_per_epoch
-        warm = min(int(cfg.warmup_teacher_temp_epochs * per_epoch), int(0.3 * steps))
-        teacher_temp = cfg.teacher_temp if cfg.sharpening else cfg.student_temp
-        self.teacher_temps = linear_then_constant(
-            cfg.warmup_teacher_temp if cfg.sharpening else teacher_temp, teacher_temp, warm, steps
+        self.warmup_teacher_temp_steps = min(
+            int(cfg.warmup_teacher_temp_epochs * per_epoch), int(0.3 * steps)
         )
+        self.teacher_temps = self.temperatures(cfg.warmup_teacher_temp, cfg.teacher_temp)
         self.momentum = cosine(cfg.momentum_teacher, 1.0, steps)
         # One epoch of 100 in the paper; capped at 10% of shorter runs, like the warm-ups.
         self.freeze_last_layer_steps = min(int(cfg.freeze_last_layer_epochs * per_epoch), int(0.1 * steps))
         self.resolved = {
-            "warmup_teacher_temp_steps": warm,
+            "warmup_teacher_temp_steps": self.warmup_teacher_temp_steps,
             "freeze_last_layer_steps": self.freeze_last_layer_steps,
         }
+
+    def new_head(self, out_dim: int) -> DINOHead:
+        c = self.cfg
+        return DINOHead(
+            self.encoder.num_features, out_dim, c.hidden_dim, c.bottleneck_dim, c.head_bn, c.norm_last_layer
+        )
+
+    def add_heads(self) -> None:
+        """Hook: heads beyond `self.head`, made before the teacher copies `online()` (iBOT's patch head)."""
+
+    def online(self) -> nn.Module:
+        """The student modules the EMA teacher mirrors."""
+        return nn.Sequential(self.encoder, self.head)
+
+    def heads(self) -> list[DINOHead]:
+        return [self.head]
+
+    def temperatures(self, warmup: float, final: float) -> np.ndarray:
+        """A teacher temperature per step: a linear warm-up, then constant (without sharpening: the
+        student's)."""
+        if not self.cfg.sharpening:
+            warmup = final = self.cfg.student_temp
+        return linear_then_constant(warmup, final, self.warmup_teacher_temp_steps, self.budget.total_steps)
 
     def views(self) -> MultiView:
         c = self.cfg
@@ -193,40 +252,62 @@ class DINO(Method):
         globals_ = torch.cat(views[:2])
         with torch.no_grad():
             teacher_out = self.teacher(globals_)
-        feats = [self.encoder(globals_)]
-        if len(views) > 2:  # local crops share a size: one forward pass
-            feats.append(self.encoder(torch.cat(views[2:])))
-        h = torch.cat(feats)
-        student_out = self.head(h)
+        h = self.student_embeddings(self.encoder(globals_), views)
         temp = float(self.teacher_temps[step])
-        loss, probs = dino_loss(
-            student_out, teacher_out, self.center, len(views), self.cfg.student_temp, temp
-        )
+        probs = self.teacher_probs(teacher_out, self.center, temp)
+        loss = cross_view_loss(self.head(h), probs, len(views), self.cfg.student_temp)
+        logs = self.logs(step, probs, h[: globals_.shape[0]])
+        return loss + self.koleo(h[: globals_.shape[0]], logs), logs
+
+    def student_embeddings(self, global_embeddings: torch.Tensor, views: list[torch.Tensor]) -> torch.Tensor:
+        """The global crops' embeddings, then the local crops' (they share a size: one forward pass)."""
+        if len(views) == 2:
+            return global_embeddings
+        return torch.cat([global_embeddings, self.encoder(torch.cat(views[2:]))])
+
+    def teacher_probs(self, teacher_out: torch.Tensor, center: torch.Tensor, temp: float) -> torch.Tensor:
+        """The teacher's targets: Sinkhorn-Knopp, or the centred softmax (the centre then moves on)."""
+        if self.cfg.sinkhorn_knopp:
+            return sinkhorn_knopp(teacher_out, temp)
+        probs = F.softmax((teacher_out - center) / temp, dim=-1)
         if self.cfg.centering:
-            self.update_center(teacher_out)
+            self.update_center(teacher_out, center)
+        return probs
+
+    def koleo(self, global_embeddings: torch.Tensor, logs: dict) -> torch.Tensor | float:
+        """`koleo_weight` x the KoLeo loss of each global crop's embeddings, summed over the crops."""
+        if not self.cfg.koleo_weight:
+            return 0.0
+        value = sum(koleo_loss(crop) for crop in global_embeddings.chunk(2))
+        logs["koleo"] = float(value.detach())
+        return self.cfg.koleo_weight * value
+
+    def logs(self, step: int, probs: torch.Tensor, global_embeddings: torch.Tensor) -> dict[str, float]:
         entropy = float(-(probs * probs.clamp_min(1e-12).log()).sum(-1).mean())
-        return loss, {
+        return {
             "teacher_entropy": entropy,
-            "teacher_entropy_max": math.log(self.cfg.out_dim),
-            "teacher_temp": temp,
+            "teacher_entropy_max": math.log(probs.shape[-1]),
+            "teacher_temp": float(self.teacher_temps[step]),
             "momentum": float(self.momentum[step]),
-            "feature_std": feature_std(h[: globals_.shape[0]]),
+            "feature_std": feature_std(global_embeddings),
         }
 
     @torch.no_grad()
-    def update_center(self, teacher_out: torch.Tensor) -> None:
-        batch_center = teacher_out.float().mean(dim=0, keepdim=True)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(batch_center)
+    def update_center(self, teacher_out: torch.Tensor, center: torch.Tensor | None = None) -> None:
+        """centre <- m x centre + (1 - m) x the batch mean of `teacher_out` (over all processes)."""
+        center = self.center if center is None else center
+        batch_center = _all_reduce(teacher_out.float().mean(dim=0, keepdim=True))
+        if _distributed():
             batch_center /= torch.distributed.get_world_size()
         m = self.cfg.center_momentum
-        self.center.mul_(m).add_(batch_center, alpha=1 - m)
+        center.mul_(m).add_(batch_center, alpha=1 - m)
 
     def before_optimizer_step(self, step):
         if step < self.freeze_last_layer_steps:
-            for p in self.head.last_layer.parameters():
-                p.grad = None
+            for head in self.heads():
+                for p in head.last_layer.parameters():
+                    p.grad = None
 
     def after_optimizer_step(self, step):
         m = float(self.momentum[min(step, len(self.momentum) - 1)])
-        ema_update(self.teacher, nn.Sequential(self.encoder, self.head), m)
+        ema_update(self.teacher, self.online(), m)

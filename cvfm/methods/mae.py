@@ -29,10 +29,9 @@ from torch import nn
 from cvfm.data.loader import ImageDataset, Skipped
 from cvfm.data.sources import ImageSource
 from cvfm.data.views import MultiView, crop_flip
-from cvfm.errors import CvfmError, UsageError
-from cvfm.methods.base import Budget, Method, feature_std
+from cvfm.errors import UsageError
+from cvfm.methods.base import Budget, Method, feature_std, require_patch_masking
 from cvfm.methods.reconstructions import write_reconstructions
-from cvfm.registry.presets import PRESETS
 
 NORM_PIX_EPS = 1e-6  # models_mae.py: (x - mean) / (var + 1e-6) ** 0.5
 
@@ -147,24 +146,6 @@ def _init_weights(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
-def _check_drops_patches(encoder) -> None:
-    """MAE's encoder must leave masked patches out: refuse, naming the models that can, one that cannot."""
-    size = encoder.preprocess.size
-    try:
-        rows, cols = encoder.token_grid(size, size)
-        with torch.no_grad():
-            encoder.encode(
-                torch.zeros(1, 3, size, size), torch.zeros(1, rows * cols, dtype=torch.bool), drop=True
-            )
-    except CvfmError:
-        vits = ", ".join(k for k, p in PRESETS.items() if p.arch.startswith("vit"))
-        raise UsageError(
-            f"--method mae trains a ViT on its visible patches only, and '{encoder.name}' cannot leave "
-            f"patches out: use a ViT with patch tokens ({vits}, a timm ViT such as "
-            "timm/vit_small_patch16_224, or a run folder holding one)"
-        ) from None
-
-
 class MAE(Method):
     default_model = "cvfm/tiny-vit"
     base_lr = 1.5e-4  # PRETRAIN.md's blr, scaled linearly by the global batch (`peak_lr`)
@@ -173,7 +154,7 @@ class MAE(Method):
 
     def __init__(self, encoder, cfg: MAEConfig, budget: Budget):
         cfg.resolve(encoder.num_features)
-        _check_drops_patches(encoder)
+        require_patch_masking(encoder, "mae", drop=True)
         super().__init__(encoder, cfg, budget)
         self.patch = tuple(encoder.patch_size)
         self.decoder = MAEDecoder(

@@ -5,6 +5,8 @@ the visible patches). `mask` is (B, N) bool over the patch grid in row-major ord
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -53,3 +55,48 @@ def timm_vit_features(
         tokens = torch.cat([tokens[:, :prefix], visible], dim=1)
     tokens = vit.norm_pre(vit.patch_drop(tokens))
     return vit.norm(vit.blocks(tokens))
+
+
+def block_mask(
+    grid: tuple[int, int],
+    count: int,
+    *,
+    min_block: float,
+    max_block: float | None = None,
+    aspect: tuple[float, float] = (0.3, 1 / 0.3),
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """A (rows, cols) bool mask of about `count` patches in rectangular blocks (BEiT's generator, which
+    iBOT and DINOv2 use): each block's area is drawn in [min_block, what is left (at most max_block)], its
+    aspect ratio log-uniformly in `aspect`, its place uniformly; a block that would add no patch or too many
+    is redrawn (10 tries). Blocks are added until `count` patches are masked or none fits."""
+    rows, cols = grid
+    mask = torch.zeros(rows, cols, dtype=torch.bool)
+    log_aspect = (math.log(aspect[0]), math.log(aspect[1]))
+
+    def uniform(lo: float, hi: float) -> float:
+        return lo + (hi - lo) * float(torch.rand((), generator=generator))
+
+    def randint(hi: int) -> int:  # 0..hi inclusive
+        return int(torch.randint(hi + 1, (), generator=generator))
+
+    masked = 0
+    while masked < count:
+        room = count - masked if max_block is None else min(count - masked, max_block)
+        added = 0
+        for _ in range(10):
+            area, ratio = uniform(min_block, room), math.exp(uniform(*log_aspect))
+            h, w = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+            if h >= rows or w >= cols:
+                continue
+            top, left = randint(rows - h), randint(cols - w)
+            block = mask[top : top + h, left : left + w]
+            new = h * w - int(block.sum())
+            if 0 < new <= room:
+                block.fill_(True)
+                added = new
+                break
+        if not added:
+            break
+        masked += added
+    return mask
