@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from cvfm.distill import DistillConfig, distill
 from cvfm.distill import run as run_module
-from cvfm.distill.losses import dino_distill, feature_distance, logit_kd, resize_tokens
+from cvfm.distill.losses import dino_distill, embedding_mse, feature_distance, logit_kd, resize_tokens
 from cvfm.distill.method import Distill
 from cvfm.distill.teacher import load_teacher
 from cvfm.registry import create_encoder
@@ -63,6 +63,13 @@ def test_dino_distill_is_cross_entropy_to_the_centred_sharpened_teacher_by_hand(
     loss, probs = dino_distill(s, t, c, 0.1, 0.04)
     assert loss.item() == pytest.approx(float(-(q * log_p).sum()), rel=1e-6)
     assert torch.allclose(probs[0], q)
+
+
+def test_sam_embedding_mse_resizes_the_student_map_to_the_embeddings_grid_by_hand():
+    tokens = torch.tensor([[[1.0, 2.0]]])  # one token (a 1x1 grid), two channels
+    embedding = torch.tensor([[[[1.0, 3.0], [1.0, 1.0]], [[2.0, 2.0], [2.0, 0.0]]]])  # (1, 2, 2, 2)
+    # the token spread over the 2x2 grid: channel 0 misses by 2 once, channel 1 by 2 once: (4 + 4) / 8
+    assert embedding_mse(tokens, (1, 1), embedding).item() == pytest.approx(1.0)
 
 
 # ------------------------------------------------------------------------------------ feature runs
@@ -195,3 +202,13 @@ def test_dino_distillation_from_a_dino_run_exports_the_students_ema(digit_folder
     online = {k.removeprefix("student.model."): v for k, v in state.items() if k.startswith("student.")}
     assert all(torch.equal(exported[k], ema[k]) for k in exported)  # the EMA, not the online student
     assert any(not torch.equal(exported[k], online[k]) for k in exported if exported[k].is_floating_point())
+
+
+def test_sam_embedding_distillation_of_tiny_sam_into_a_cnn(digit_folder, tmp_path):
+    run = distill(_config(tmp_path / "kd", digit_folder, teacher="cvfm/tiny-sam", losses=("sam-embedding",)))
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    epochs = [m["epoch/loss_sam_embedding"] for m in metrics if "epoch/loss_sam_embedding" in m]
+    assert len(epochs) == 2 and epochs[1] < 0.95 * epochs[0], epochs
+    state = load_file(checkpoints(run / "checkpoints")[-1] / "model.safetensors")
+    assert {k.split(".")[0] for k in state} == {"encoder", "token_proj"}  # no SAM weights
+    assert state["token_proj.weight"].shape == (32, create_encoder(str(run)).num_features)  # to SAM's width

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from cvfm.errors import UsageError
 from cvfm.runtime.plan import TrainSettings
 
-LOSSES = ("feature", "dino", "logit")
+LOSSES = ("feature", "dino", "logit", "sam-embedding")
 DISTANCES = ("cosine", "mse")
 
 
@@ -38,6 +38,10 @@ class DistillConfig(TrainSettings):
             )
         if len(set(self.losses)) != len(self.losses):
             raise UsageError(f"--loss repeated: {', '.join(self.losses)}")
+        if "sam-embedding" in self.losses and len(self.losses) > 1:
+            raise UsageError(
+                "--loss sam-embedding distils a SAM image encoder and combines with no other loss"
+            )
         if self.distance not in DISTANCES:
             raise UsageError(f"unknown --distance '{self.distance}' (choose from: {', '.join(DISTANCES)})")
         if self.teacher_layer and "feature" not in self.losses:

@@ -44,3 +44,10 @@ def dino_distill(
     q = F.softmax((teacher.float() - center) / teacher_temp, dim=-1)
     loss = torch.sum(-q * F.log_softmax(student.float() / student_temp, dim=-1), dim=-1).mean()
     return loss, q
+
+
+def embedding_mse(tokens: torch.Tensor, grid: tuple[int, int], embedding: torch.Tensor) -> torch.Tensor:
+    """MobileSAM's decoupled distillation: the student's (projected) tokens on `grid`, resized to the SAM
+    image embedding's (B, C, h, w) grid, against it by mean squared error."""
+    student = resize_tokens(tokens, grid, tuple(embedding.shape[-2:]))
+    return F.mse_loss(student, embedding.float().flatten(2).transpose(1, 2))

@@ -8,8 +8,8 @@ from torch import nn
 
 from cvfm.data.views import MultiView, crop_flip
 from cvfm.distill.config import DistillConfig
-from cvfm.distill.losses import dino_distill, feature_distance, logit_kd, resize_tokens
-from cvfm.distill.teacher import Teacher, token_grid
+from cvfm.distill.losses import dino_distill, embedding_mse, feature_distance, logit_kd, resize_tokens
+from cvfm.distill.teacher import SamTeacher, Teacher, token_grid
 from cvfm.methods.base import Budget, Method, ema_update, feature_std, frozen_copy
 from cvfm.methods.dino import DINOHead
 from cvfm.runtime.schedules import cosine
@@ -31,9 +31,11 @@ class Distill(Method):
 
     summary_keys = ("feature_std",)
 
-    def __init__(self, encoder, cfg: DistillConfig, budget: Budget, teacher: Teacher):
+    def __init__(self, encoder, cfg: DistillConfig, budget: Budget, teacher: Teacher | SamTeacher):
         super().__init__(encoder, cfg, budget, frozen_teacher=teacher)
-        width = teacher.encoder.num_features
+        width = teacher.width
+        if "sam-embedding" in cfg.losses:  # MobileSAM's neck role: the student's tokens to SAM's channels
+            self.token_proj = projector(encoder.num_features, width)
         if "feature" in cfg.losses:
             self.pooled_proj = projector(encoder.num_features, width)
             self.token_proj = projector(encoder.num_features, width)
@@ -73,6 +75,9 @@ class Distill(Method):
                 target = resize_tokens(t.tokens, t.grid, grid)
                 tokens = feature_distance(self.token_proj(out.patch_tokens), target, self.cfg.distance)
                 losses["tokens"] = self.cfg.token_weight * tokens
+        if "sam-embedding" in self.cfg.losses:
+            grid = token_grid(self.online, x.shape[-2:], out.patch_tokens.shape[1])
+            losses["sam_embedding"] = embedding_mse(self.token_proj(out.patch_tokens), grid, t.embedding)
         if "logit" in self.cfg.losses:
             losses["logit"] = logit_kd(self.logit_head(out.pooled), t.logits, self.cfg.temperature)
         if "dino" in self.cfg.losses:

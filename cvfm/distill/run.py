@@ -37,7 +37,7 @@ def distill(cfg: DistillConfig, on_step: Callable[[int], None] | None = None) ->
         on_step=on_step,
         record={
             "config": asdict(cfg),
-            "teacher": {"id": cfg.teacher, "name": teacher.encoder.name},
+            "teacher": {"id": cfg.teacher, "name": teacher.name},
             "data": {"name": source.name, "images": len(source), "classes": source.classes},
         },
     )

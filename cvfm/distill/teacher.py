@@ -18,7 +18,7 @@ from cvfm.data.preprocess import Preprocess
 from cvfm.errors import CvfmError, UsageError
 from cvfm.methods.dino import DINOHead
 from cvfm.models.encoder import Encoder
-from cvfm.registry import create_classifier, create_encoder
+from cvfm.registry import create_classifier, create_encoder, create_segmenter
 from cvfm.runtime.checkpoint import latest_checkpoint
 
 
@@ -29,6 +29,7 @@ class TeacherOutput:
     grid: tuple[int, int] | None  # the tokens' (rows, columns)
     logits: torch.Tensor | None  # a classifier teacher's class logits
     dino: torch.Tensor | None  # a DINO teacher's head output
+    embedding: torch.Tensor | None = None  # a SAM teacher's image embedding (B, C, h, w)
 
 
 class Teacher(nn.Module):
@@ -55,20 +56,21 @@ class Teacher(nn.Module):
     def _keep(self, module, inputs, output) -> None:
         self._hooked = output[0] if isinstance(output, (tuple, list)) else output
 
+    @property
+    def width(self) -> int:
+        return self.encoder.num_features
+
+    @property
+    def name(self) -> str:
+        return self.encoder.name
+
     def adapt(self, x: torch.Tensor) -> torch.Tensor:
-        """Student-normalised views -> the teacher's size and normalisation."""
-        s, t = self.student, self.encoder.preprocess
-        mean = lambda v: torch.tensor(v, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)  # noqa: E731
-        pixels = x * mean(s.std) + mean(s.mean)
-        if t.size != x.shape[-1] or t.size != x.shape[-2]:
-            pixels = F.interpolate(pixels, size=(t.size, t.size), mode="bilinear", antialias=True)
-        return (pixels - mean(t.mean)) / mean(t.std)
+        return adapt(x, self.student, self.encoder.preprocess)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> TeacherOutput:
         x = self.adapt(x)
-        bf16 = x.device.type == "cuda" and torch.cuda.is_bf16_supported()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        with bf16(x.device):
             out = self.encoder.encode(x)
             logits = self.head(out.pooled) if self.head is not None else None
             dino = self.dino_head(out.pooled) if self.dino_head is not None else None
@@ -80,6 +82,49 @@ class Teacher(nn.Module):
         grid = token_grid(self.encoder, x.shape[-2:], tokens.shape[1]) if tokens is not None else None
         f = lambda v: None if v is None else v.float()  # noqa: E731
         return TeacherOutput(f(pooled), f(tokens), grid, f(logits), f(dino))
+
+
+class SamTeacher(nn.Module):
+    """A SAM (or SAM-HQ) image encoder as the teacher of `--loss sam-embedding`: the student's views
+    re-sized to its square input (which needs no padding) give its image embedding."""
+
+    def __init__(self, segmenter: nn.Module, student: Preprocess):
+        super().__init__()
+        if segmenter.family == "sam2":
+            raise UsageError(
+                f"--loss sam-embedding distils a SAM or SAM-HQ image encoder; {segmenter.name} is SAM 2"
+            )
+        self.segmenter, self.student = segmenter, student
+
+    @property
+    def width(self) -> int:
+        return self.segmenter.model.config.vision_config.output_channels
+
+    @property
+    def name(self) -> str:
+        return self.segmenter.name
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> TeacherOutput:
+        x = adapt(x, self.student, self.segmenter.preprocess)
+        with bf16(x.device):
+            features = self.segmenter.embed_image(x, [tuple(x.shape[-2:])] * x.shape[0]).features
+        return TeacherOutput(None, None, None, None, None, features.float())
+
+
+def adapt(x: torch.Tensor, student: Preprocess, teacher: Preprocess) -> torch.Tensor:
+    """Views normalised for the student -> the teacher's (square) size and normalisation."""
+    as_4d = lambda v: torch.tensor(v, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)  # noqa: E731
+    pixels = x * as_4d(student.std) + as_4d(student.mean)
+    if teacher.size != x.shape[-1] or teacher.size != x.shape[-2]:
+        pixels = F.interpolate(pixels, size=(teacher.size, teacher.size), mode="bilinear", antialias=True)
+    return (pixels - as_4d(teacher.mean)) / as_4d(teacher.std)
+
+
+def bf16(device: torch.device):
+    """bf16 autocast on a GPU that has it; full precision elsewhere."""
+    on = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=on)
 
 
 def hook_module(encoder: Encoder, path: str) -> nn.Module:
@@ -118,9 +163,17 @@ def token_grid(encoder: Encoder, size: tuple[int, int], n: int) -> tuple[int, in
     return h, n // h
 
 
-def load_teacher(teacher: str, losses: tuple[str, ...], student: Preprocess, layer: str | None) -> Teacher:
+def load_teacher(
+    teacher: str, losses: tuple[str, ...], student: Preprocess, layer: str | None
+) -> Teacher | SamTeacher:
     """The teacher for `losses`: a classifier for "logit", a DINO pre-training run (with its head) for
-    "dino", else any image encoder the registry builds (a run folder's backbone too)."""
+    "dino", a SAM segmenter for "sam-embedding", else any image encoder the registry builds (a run
+    folder's backbone too)."""
+    if "sam-embedding" in losses:
+        try:
+            return SamTeacher(create_segmenter(teacher), student)
+        except CvfmError as e:
+            raise UsageError(f"--loss sam-embedding needs a SAM teacher (e.g. cvfm/tiny-sam): {e}") from None
     head = dino_head = classes = None
     if "logit" in losses:
         try:
