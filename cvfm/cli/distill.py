@@ -13,7 +13,7 @@ def distill(
         "--teacher",
         help="Registry id or run folder: any image encoder (feature); a `cvfm finetune` run or classifier "
         "folder (logit); a `cvfm pretrain --method dino` run folder, whose DINO head gives the "
-        "targets (dino).",
+        "targets (dino); a SAM segmenter such as cvfm/tiny-sam (sam-embedding).",
     ),
     student: str = typer.Option(
         "cvfm/tiny-resnet",
@@ -25,7 +25,8 @@ def distill(
     loss: list[str] = typer.Option(
         None,
         "--loss",
-        help="feature (default), dino, logit; repeat to sum several, e.g. --loss feature --loss logit.",
+        help="feature (default), dino, logit; repeat to sum several, e.g. --loss feature --loss logit. "
+        "sam-embedding (alone): the student's projected feature map against a SAM image embedding.",
     ),
     teacher_layer: str = typer.Option(
         None,
@@ -55,7 +56,9 @@ def distill(
     """Distil a frozen teacher into a student: feature distillation (cosine or MSE on the pooled embedding
     and the patch tokens; a learned projector when the widths differ, the teacher's token grid resized to
     the student's), DINO-style distillation (the teacher's DINO head distribution as the target; the
-    student's EMA is the result, as in DINOv2) and logit distillation (KL x T^2) from a classifier.
+    student's EMA is the result, as in DINOv2), logit distillation (KL x T^2) from a classifier, and
+    MobileSAM's decoupled distillation of a SAM image encoder (MSE between the student's projected feature
+    map, resized to the embedding's grid, and the SAM image embedding).
 
     The teacher runs frozen in eval mode (bf16 on a GPU that has it) on the student's views, re-sized and
     re-normalised to its own preprocessing; it is never in the checkpoints or the export. Writes run.json,
@@ -74,6 +77,8 @@ def distill(
       cvfm distill --teacher runs/finetuned --loss logit --loss feature -d photos/ -o runs/kd-logit
 
       cvfm distill --teacher cvfm/tiny-vit --teacher-layer blocks.1 -d photos/ -o runs/kd-mid
+
+      cvfm distill --teacher hf/facebook/sam-vit-base --loss sam-embedding --student timm/resnet18 -d pics/ -o sam
 
       cvfm distill -o runs/kd --resume
     """
