@@ -78,7 +78,7 @@ def distill(
 
       cvfm distill --teacher cvfm/tiny-vit --teacher-layer blocks.1 -d photos/ -o runs/kd-mid
 
-      cvfm distill --teacher hf/facebook/sam-vit-base --loss sam-embedding --student timm/resnet18 -d pics/ -o sam
+      cvfm distill --teacher hf/facebook/sam-vit-base --loss sam-embedding --student timm/resnet18 -d a/ -o b
 
       cvfm distill -o runs/kd --resume
     """
