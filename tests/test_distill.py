@@ -212,3 +212,19 @@ def test_sam_embedding_distillation_of_tiny_sam_into_a_cnn(digit_folder, tmp_pat
     state = load_file(checkpoints(run / "checkpoints")[-1] / "model.safetensors")
     assert {k.split(".")[0] for k in state} == {"encoder", "token_proj"}  # no SAM weights
     assert state["token_proj.weight"].shape == (32, create_encoder(str(run)).num_features)  # to SAM's width
+
+
+def test_cache_teacher_computes_each_view_once_and_trains_as_without(
+    digit_folder, tmp_path, monkeypatch, cli
+):
+    built = []
+    monkeypatch.setattr(run_module, "Distill", lambda *a: built.append(Distill(*a)) or built[-1])
+    cache = tmp_path / "cache"
+    cached = distill(_config(tmp_path / "cached", digit_folder, augment=False, cache_teacher=str(cache)))
+    assert len(list(cache.glob("*.safetensors"))) == 128 and not list(cache.glob("*.tmp*"))
+    assert (built[0].cache.misses, built[0].cache.hits) == (128, 128)  # epoch 1 computes, epoch 2 reads
+    plain = distill(_config(tmp_path / "plain", digit_folder, augment=False))
+    a, b = (load_file(r / "backbone" / "model.safetensors") for r in (cached, plain))
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-4) for k in a)
+    args = ["distill", "--teacher", "cvfm/tiny-vit", "--data", digit_folder, "--cache-teacher", cache]
+    assert_usage_error(cli(*args, "-o", tmp_path / "r"), "--cache-teacher", "--no-augment")

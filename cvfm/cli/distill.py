@@ -37,6 +37,12 @@ def distill(
     token_weight: float = typer.Option(1.0, "--token-weight", min=0, help="Feature loss: patch-token term."),
     temperature: float = typer.Option(4.0, "--temperature", min=1e-3, help="Logit loss: T of KL x T^2."),
     augment: bool = typer.Option(True, "--augment/--no-augment", help="Random resized crop and flip."),
+    cache_teacher: str = typer.Option(
+        None,
+        "--cache-teacher",
+        help="With --no-augment: keep the teacher's outputs in this folder (safetensors, one file per view, "
+        "keyed by its content's SHA-256) and reuse them in later epochs and runs.",
+    ),
     pretrained: bool = common.pretrained_option(False, ""),
     split: str = typer.Option(None, "--split", help="Split of the data to train on (e.g. train)."),
     epochs: int = typer.Option(10, "--epochs", min=1),
@@ -101,6 +107,7 @@ def distill(
         token_weight=token_weight,
         temperature=temperature,
         augment=augment,
+        cache_teacher=cache_teacher,
         split=split,
         epochs=epochs,
         batch_size=batch_size,

@@ -25,6 +25,7 @@ class DistillConfig(TrainSettings):
     token_weight: float = 1.0  # feature loss: weight of the patch-token term (0: pooled embedding only)
     temperature: float = 4.0  # logit loss: KL(teacher || student) at T, times T^2 (Hinton et al. 2015)
     augment: bool = True  # random resized crop + flip (MAE's); off: the evaluation transform
+    cache_teacher: str | None = None  # a folder of the teacher's outputs, reused across epochs (no augment)
     split: str | None = None
     image_column: str = "image"
     overwrite: bool = False
@@ -42,6 +43,8 @@ class DistillConfig(TrainSettings):
             raise UsageError(
                 "--loss sam-embedding distils a SAM image encoder and combines with no other loss"
             )
+        if self.cache_teacher and self.augment:
+            raise UsageError("--cache-teacher reuses the teacher's outputs of fixed views: add --no-augment")
         if self.distance not in DISTANCES:
             raise UsageError(f"unknown --distance '{self.distance}' (choose from: {', '.join(DISTANCES)})")
         if self.teacher_layer and "feature" not in self.losses:

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from cvfm.data.views import MultiView, crop_flip
+from cvfm.distill.cache import TeacherCache
 from cvfm.distill.config import DistillConfig
 from cvfm.distill.losses import dino_distill, embedding_mse, feature_distance, logit_kd, resize_tokens
 from cvfm.distill.teacher import SamTeacher, Teacher, token_grid
@@ -31,8 +32,16 @@ class Distill(Method):
 
     summary_keys = ("feature_std",)
 
-    def __init__(self, encoder, cfg: DistillConfig, budget: Budget, teacher: Teacher | SamTeacher):
+    def __init__(
+        self,
+        encoder,
+        cfg: DistillConfig,
+        budget: Budget,
+        teacher: Teacher | SamTeacher,
+        cache: TeacherCache | None = None,
+    ):
         super().__init__(encoder, cfg, budget, frozen_teacher=teacher)
+        self.cache = cache
         width = teacher.width
         if "sam-embedding" in cfg.losses:  # MobileSAM's neck role: the student's tokens to SAM's channels
             self.token_proj = projector(encoder.num_features, width)
@@ -65,7 +74,7 @@ class Distill(Method):
     def forward(self, batch, step):
         x = batch["image"][0]
         teacher: Teacher = self.frozen_teacher
-        t = teacher(x)
+        t = self.cache(teacher, x) if self.cache is not None else teacher(x)
         out = self.online.encode(x)
         losses: dict[str, torch.Tensor] = {}
         if "feature" in self.cfg.losses:

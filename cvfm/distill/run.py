@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import torch
 
 from cvfm.data.sources import open_source
+from cvfm.distill.cache import TeacherCache
 from cvfm.distill.config import DistillConfig
 from cvfm.distill.method import Distill
 from cvfm.distill.teacher import load_teacher
@@ -29,7 +31,12 @@ def distill(cfg: DistillConfig, on_step: Callable[[int], None] | None = None) ->
     teacher = load_teacher(cfg.teacher, cfg.losses, student.preprocess, cfg.teacher_layer)
     trainer = Trainer(cfg, run)
     budget = trainer.plan(len(source))
-    method = Distill(student, cfg, budget, teacher)
+    cache = (
+        TeacherCache(cfg.cache_teacher, teacher_identity(cfg, student, teacher))
+        if cfg.cache_teacher
+        else None
+    )
+    method = Distill(student, cfg, budget, teacher, cache)
     return trainer.fit(
         method,
         source,
@@ -41,3 +48,15 @@ def distill(cfg: DistillConfig, on_step: Callable[[int], None] | None = None) ->
             "data": {"name": source.name, "images": len(source), "classes": source.classes},
         },
     )
+
+
+def teacher_identity(cfg: DistillConfig, student, teacher: torch.nn.Module) -> str:
+    """What the cached outputs depend on besides the view: the teacher's weights (a run folder trained
+    again is another teacher), its layer, the losses' heads, and the student's input size and
+    normalisation (the views are made with them)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(teacher.state_dict().items()):
+        digest.update(name.encode() + tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    pre = student.preprocess
+    setup = (digest.hexdigest(), cfg.teacher_layer, sorted(cfg.losses), pre.size, pre.mean, pre.std)
+    return repr(setup)
