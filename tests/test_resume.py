@@ -205,12 +205,37 @@ def test_pretrain_sigterm_mid_epoch_resumes_exactly_with_the_run_threads(pretrai
     assert threads == min(2, len(os.sched_getaffinity(0)))  # the 2 CPUs: none left to decoding workers
 
 
+def _killed_at_step_2_resumes_exactly(args: list, tmp_path: Path) -> Path:
+    """Run `cvfm ARGS` (8 steps, checkpoints every 2) to the end, and again killed after its step-2
+    checkpoint and resumed in a new process: the same export, last checkpoint and metrics. Returns the
+    uninterrupted run."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    cvfm(*args, "-o", full)
+    interrupt([*args, "-o", part], _checkpoint(part, 2), signal.SIGKILL, tmp_path / "killed.log")
+    assert not (part / "backbone").exists() and _status(part) == "running"
+
+    err = cvfm(args[0], "-o", part, "--resume")
+    assert 2 <= _resumed_at(err, part) < 8
+    _same_tensors(full / "backbone" / "model.safetensors", part / "backbone" / "model.safetensors")
+    _same_tensors(full / LAST, part / LAST)
+    assert _metrics(part) == _metrics(full) and _status(part) == "finished"
+    return full
+
+
+LAST = Path("checkpoints") / "step-00000008" / "model.safetensors"  # the encoder and what trains with it
+
+
 @pytest.mark.parametrize(
     ("method", "extra", "part_of_state"),
     [
         ("mae", [], "decoder."),
         # 8 steps of 16 images (the last --epochs / --batch-size given wins), no local crops: half the work
-        ("dinov2", ["--opt", "local_crops=0", "--epochs", "1", "--batch-size", "16"], "patch_head."),
+        pytest.param(
+            "dinov2",
+            ["--opt", "local_crops=0", "--epochs", "1", "--batch-size", "16"],
+            "patch_head.",
+            marks=pytest.mark.slow,
+        ),
     ],
     ids=["mae", "dinov2"],
 )
@@ -220,18 +245,8 @@ def test_masked_image_modelling_killed_resumes_exactly(digit_folder, tmp_path, m
     process: the encoder, the heads and the metrics of an uninterrupted run."""
     recipe = [method if a == "simclr" else a for a in PRETRAIN]  # 8 steps, checkpoints every 2
     args = ["pretrain", "--data", digit_folder, *recipe, *extra, "--num-workers", "0"]
-    full, part = tmp_path / "full", tmp_path / "part"
-    cvfm(*args, "-o", full)
-    interrupt([*args, "-o", part], _checkpoint(part, 2), signal.SIGKILL, tmp_path / "killed.log")
-    assert not (part / "backbone").exists() and _status(part) == "running"
-
-    err = cvfm("pretrain", "-o", part, "--resume")
-    assert 2 <= _resumed_at(err, part) < 8
-    _same_tensors(full / "backbone" / "model.safetensors", part / "backbone" / "model.safetensors")
-    last = Path("checkpoints") / "step-00000008" / "model.safetensors"  # the encoder and what trains with it
-    assert any(k.startswith(part_of_state) for k in load_file(full / last))
-    _same_tensors(full / last, part / last)
-    assert _metrics(part) == _metrics(full) and _status(part) == "finished"
+    full = _killed_at_step_2_resumes_exactly(args, tmp_path)
+    assert any(k.startswith(part_of_state) for k in load_file(full / LAST))
 
 
 # ------------------------------------------------------------------------------- finetune and unlearn
@@ -421,3 +436,14 @@ def test_segment_train_killed_resumes_exactly(scene_coco, tmp_path):
     _same_tensors(full / "backbone" / "model.safetensors", part / "backbone" / "model.safetensors")
     assert _metrics(part) == _metrics(full) and _status(part) == "finished"
     assert len([r for r in _metrics(full) if "train/loss" in r]) == 8
+
+
+@pytest.mark.slow
+def test_distill_killed_resumes_exactly(digit_folder, tmp_path):
+    """Feature distillation (a frozen tiny-vit teacher into tiny-resnet) killed after its step-2
+    checkpoint, resumed in a new process: the student, its projectors and the metrics of an uninterrupted
+    run (the teacher is rebuilt, never restored)."""
+    recipe = [a for a in PRETRAIN if a not in ("--method", "simclr")]  # 8 steps, checkpoints every 2
+    args = ["distill", "--teacher", "cvfm/tiny-vit", "--data", digit_folder, *recipe, "--num-workers", "0"]
+    full = _killed_at_step_2_resumes_exactly(args, tmp_path)
+    assert {k.split(".")[0] for k in load_file(full / LAST)} == {"encoder", "pooled_proj", "token_proj"}

@@ -75,9 +75,20 @@ def _register() -> None:
     global _registered
     if _registered:
         return
-    from cvfm.cli import capfilt, caption, embed, evaluate, finetune, models, pretrain, segment, unlearn
+    from cvfm.cli import (
+        capfilt,
+        caption,
+        distill,
+        embed,
+        evaluate,
+        finetune,
+        models,
+        pretrain,
+        segment,
+        unlearn,
+    )
 
-    for module in (models, pretrain, finetune, embed, caption, capfilt, segment, unlearn):
+    for module in (models, pretrain, distill, finetune, embed, caption, capfilt, segment, unlearn):
         module.register(app)
     app.add_typer(evaluate.app, name="evaluate")
     _registered = True
