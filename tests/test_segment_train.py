@@ -211,7 +211,9 @@ def test_sam2_decode_batch_takes_rows_of_every_feature_level():
     the batch axis equals decoding each image's prompt alone."""
     sam2 = create_segmenter("cvfm/tiny-sam2")
     rng = np.random.default_rng(2)
-    photos = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((81, 50), (60, 97))]
+    photos = [
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((81, 50), (60, 97))
+    ]
     sizes = [(81, 50), (60, 97)]
     with torch.no_grad():
         emb = sam2.embed_image(torch.stack([sam2.preprocess.transform()(p) for p in photos]), sizes)

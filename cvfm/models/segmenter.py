@@ -58,7 +58,9 @@ class ImageEmbedding:
         pick = lambda ts: None if ts is None else [t[index.to(t.device)] for t in ts]  # noqa: E731
         features = pick(self.features) if isinstance(self.features, list) else pick([self.features])[0]
         sizes = lambda ss: [ss[k] for k in index.tolist()]  # noqa: E731
-        return ImageEmbedding(features, sizes(self.original_sizes), sizes(self.input_sizes), pick(self.intermediate))
+        return ImageEmbedding(
+            features, sizes(self.original_sizes), sizes(self.input_sizes), pick(self.intermediate)
+        )
 
     def select(self, i: int) -> ImageEmbedding:
         """Image i alone."""
@@ -173,9 +175,10 @@ class Segmenter(nn.Module):
         so one call serves the prompts of several images) and may each bring their own mask: the prompts go
         on the model's batch axis. Training decodes this way.
 
-        `features` (P, C, h, w) (SAM 2: P rows of each feature level); `points` (P, N, 2) x, y with `labels` (P, N) and `boxes` (P, 4) x0, y0,
-        x1, y1 in pixels of the model's input frame (the resized image, before padding); `mask_input`
-        (P, h', w') low-res logits; `intermediate` SAM-HQ's early features, P rows each."""
+        `features` (P, C, h, w) (SAM 2: P rows of each feature level, `ImageEmbedding.rows`); `points`
+        (P, N, 2) x, y with `labels` (P, N) and `boxes` (P, 4) x0, y0, x1, y1 in pixels of the model's
+        input frame (the resized image, before padding); `mask_input` (P, h', w') low-res logits;
+        `intermediate` SAM-HQ's early features, P rows each."""
         kwargs = {"image_embeddings": features, "multimask_output": multimask}
         if points is not None:
             kwargs["input_points"] = points[:, None]

@@ -164,7 +164,9 @@ class SamTraining(Method):
                 points = xy[:, None] if points is None else torch.cat([points, xy[:, None]], 1)
                 labels = label[:, None] if labels is None else torch.cat([labels, label[:, None]], 1)
             multimask = previous is None and not boxed  # one point alone is ambiguous: 3 candidates
-            pred = segmenter.decode_batch(mine.features, points, labels, boxes, previous, multimask, mine.intermediate)
+            pred = segmenter.decode_batch(
+                mine.features, points, labels, boxes, previous, multimask, mine.intermediate
+            )
             logits = pred.low_res_logits.float()
             if target is None:
                 target = low_res(masks, logits.shape[-2:])
