@@ -13,6 +13,8 @@ import pytest
 from cvfm.data.sources import open_source
 from cvfm.methods.byol import BYOLConfig
 from cvfm.methods.dino import DINOConfig
+from cvfm.methods.dinov2 import DINOv2Config
+from cvfm.methods.ibot import IBOTConfig
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "ssl.py"
 _spec = importlib.util.spec_from_file_location("ssl_bench", _PATH)
@@ -34,11 +36,13 @@ def test_effective_rank_of_a_known_spectrum():
 
 
 def test_first_candidates_are_cvfm_defaults():
-    byol, dino = bench.GRID["byol"][0], bench.GRID["dino"][0]
+    byol = bench.GRID["byol"][0]
     assert float(byol["momentum"]) == BYOLConfig().momentum
     assert float(byol["min_scale"]) == BYOLConfig().min_scale
-    assert float(dino["momentum_teacher"]) == DINOConfig().momentum_teacher
-    assert tuple(map(float, dino["global_scale"].split(","))) == DINOConfig().global_scale
+    for name, config in (("dino", DINOConfig()), ("ibot", IBOTConfig()), ("dinov2", DINOv2Config())):
+        first = bench.GRID[name][0]
+        assert float(first["momentum_teacher"]) == config.momentum_teacher
+        assert tuple(map(float, first["global_scale"].split(","))) == config.global_scale
 
 
 def _val(cand: dict, knn: float, linear: float, seed: int = 0) -> dict:
@@ -74,8 +78,9 @@ def test_val_split_is_stratified_and_disjoint(tmp_path):
     assert np.array_equal(np.asarray(val.load(0)), np.asarray(train.load(i)))  # the same pixels
 
 
-def _run(phase, method, seed, knn, linear, cand=None, rank=10.0):
-    config = {"data": "d", "epochs": 2, "batch_size": 8, "lr": None, "val_size": 10}
+def _run(phase, method, seed, knn, linear, cand=None, rank=10.0, **config):
+    # no "model" / "finetune_epochs": a results file written before --model, read as cvfm/tiny-resnet
+    config = {"data": "d", "epochs": 2, "batch_size": 8, "lr": None, "val_size": 10, **config}
     return {
         "config": config,
         "phase": phase,
@@ -106,7 +111,32 @@ def test_summarise_prints_means_spreads_and_per_seed_gains(tmp_path, capsys):
     assert "15.00 ± 0.00" in out  # its linear gains
     assert "momentum=0.999 min_scale=0.5" in out and "selected" in out
     assert "byol (momentum=0.999 min_scale=0.5; selected): mean gain k-NN +6.00, linear +11.00" in out
-    assert "meets +5 / +10" in out
+    assert "meets +5 k-NN and +10 linear" in out
     assert "byol (momentum=0.99 min_scale=0.08; paper): mean gain k-NN -1.00, linear +4.00" in out
-    assert "misses +5 / +10" in out
+    assert "misses +5 k-NN and +10 linear" in out
     assert out.count("simclr (-; defaults): mean gain k-NN +11.00") == 1  # one row per setting
+    assert "Quality: cvfm/tiny-resnet pre-trained" in out and "fine-tune" not in out
+
+
+def test_summarise_vit_gives_finetune_gains_either_target_and_the_dino_comparison(tmp_path, capsys):
+    vit = {"model": "cvfm/tiny-vit", "finetune_epochs": 3}
+    records = []
+    for seed, base in ((0, 50.0), (1, 54.0)):
+        records.append({**_run("test", "random init", seed, base, 60.0, **vit), "finetune_top1": 40.0})
+        records.append({**_run("test", "raw pixels", seed, 90.0, 80.0, **vit)})  # not fine-tuned
+        dino, ibot = bench.GRID["dino"][0], bench.GRID["ibot"][0]
+        records.append({**_run("test", "dino", seed, base + 6, 61.0, dino, **vit), "finetune_top1": 41.0})
+        records.append({**_run("test", "ibot", seed, base + 8, 62.0, ibot, **vit), "finetune_top1": 42.0})
+        mae = _run("test", "mae", seed, base + 1, 70.0 + seed, {}, **vit)
+        records.append({**mae, "finetune_top1": 50.0 + 2 * seed})
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert bench.main(["--summarise", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "Quality: cvfm/tiny-vit pre-trained" in out and "`cvfm finetune` for 3 epoch(s)" in out
+    assert "fine-tune top-1 %" in out and "fine-tune gain" in out
+    assert "11.00 ± 1.41" in out  # mae's fine-tune gains 10 and 12 over the same seed's random init
+    assert "mae (-; defaults): mean gain k-NN +1.00, linear +10.50, fine-tune +11.00" in out
+    assert "meets +5 k-NN or +10 linear" in out  # mae, by its linear gain alone
+    assert "dino (momentum_teacher=0.996 global_scale=0.4,1; selected = paper): mean gain k-NN +6.00" in out
+    assert "ibot 60.00 against dino 58.00: meets 'iBOT or DINOv2 beats DINO" in out
