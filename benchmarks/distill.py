@@ -4,7 +4,7 @@ pre-trained from scratch with DINO for the same wall-clock time.
 Run from the repository root with the venv active:
 
     HF_HUB_OFFLINE=1 python benchmarks/distill.py --quick     # smoke test on builtin:digits (minutes)
-    HF_HUB_OFFLINE=1 python benchmarks/distill.py             # builtin:animal-mnist: hours on 2 CPU cores
+    HF_HUB_OFFLINE=1 python benchmarks/distill.py             # about 1 h a seed on 2 cores (estimate)
     HF_HUB_OFFLINE=1 python benchmarks/distill.py --summarise runs/distill.jsonl --markdown
 
 Protocol, per seed of --seeds (default 0), all on the train split of --data (builtin:animal-mnist), all
@@ -43,6 +43,7 @@ Everything runs with `torch.set_num_threads(--threads)` (default 1; see benchmar
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import statistics
@@ -147,10 +148,12 @@ def config_of(args) -> dict:
 
 
 def benchmark(args, workdir: Path) -> list[dict]:
-    """Steps 1-5 of the protocol for every seed; each finished run goes to args.results at once."""
+    """Steps 1-6 of the protocol for every seed; each finished run goes to args.results at once. Run
+    folders are named by the configuration's digest: another configuration never overwrites them."""
     results = Path(args.results)
     results.parent.mkdir(parents=True, exist_ok=True)
     config = config_of(args)
+    workdir = workdir / hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
     records = [r for r in ssl_bench.load_records(results) if r["config"] == config]
     say(f"[distill] {len(records)} finished run(s) reused from {results}")
 
