@@ -15,8 +15,9 @@ k-NN bank / probe training set):
    `pretrain --method dino` for --teacher-epochs. Its wall time is reported but not part of the match:
    a distilled student is made from a teacher that already exists.
 2. distilled: --student (cvfm/tiny-resnet, 0.3M) from random init, trained by `distill` from the teacher
-   run (--loss, default feature: cosine on the pooled embedding) for --epochs. Its wall time W (setup,
-   teacher forwards, training and export: the whole `distill` call) is the budget of step 4.
+   run (--loss, default feature: cosine to the teacher's pooled embedding and patch tokens, standardised per
+   dimension) for --epochs. Its wall time W (setup, teacher forwards, training and export: the whole
+   `distill` call) is the budget of step 4.
 3. calibration: the student pre-trained from scratch with DINO for one epoch, timed. The loop has no time
    budget (and a cut-short cosine schedule would not be DINO's), so the epochs of step 4 are computed:
    round((W - overhead) / epoch seconds), at least 1, where epoch seconds = the epoch's images / its
