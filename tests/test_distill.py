@@ -17,6 +17,7 @@ from cvfm.distill import DistillConfig, distill
 from cvfm.distill import run as run_module
 from cvfm.distill.losses import dino_distill, embedding_mse, feature_distance, logit_kd, resize_tokens
 from cvfm.distill.method import Distill
+from cvfm.distill.standardise import Standardise
 from cvfm.distill.teacher import load_teacher
 from cvfm.registry import create_encoder
 from cvfm.runtime.checkpoint import checkpoints
@@ -36,6 +37,35 @@ def test_feature_distances_by_hand():
     cos = (1 - 1 / math.sqrt(2) + 0) / 2  # row 1: cos 45 degrees; row 2: identical
     assert feature_distance(s, t, "cosine").item() == pytest.approx(cos)
     assert feature_distance(s, t, "mse").item() == pytest.approx(1 / 4)  # one squared error of 1 in 4
+
+
+def test_standardise_uses_the_mean_and_variance_of_every_batch_so_far_by_hand():
+    first, second = torch.tensor([[1.0, 10.0], [3.0, 10.0]]), torch.tensor([[[5.0, 13.0], [7.0, 15.0]]])
+    norm = Standardise(2)
+    # mean (2, 10), variance (1, 0): a constant dimension becomes 0 (eps 1e-5 keeps it finite)
+    assert torch.allclose(norm(first), torch.tensor([[-1.0, 0.0], [1.0, 0.0]]), atol=1e-4)
+    # all four rows: mean (4, 12), population variance (5, 4.5); tokens (B, N, D) count one row each
+    want = (second[0] - torch.tensor([4.0, 12.0])) / torch.tensor([5, 4.5]).sqrt()
+    assert torch.allclose(norm(second)[0], want, atol=1e-4)
+    assert norm.count.item() == 4
+    norm.eval()  # evaluation mode reads the statistics and leaves them
+    assert torch.allclose(norm(torch.tensor([[4.0, 12.0]])), torch.zeros(1, 2)) and norm.count.item() == 4
+
+
+def test_a_constant_prediction_scores_as_chance_against_standardised_targets():
+    """Teacher embeddings sharing one large mean direction: a constant prediction along it is almost the
+    teacher by raw cosine, as good as a random one (loss 1) once the targets are standardised; by MSE it
+    scores the targets' variance, 1 a dimension, plus its own square."""
+    torch.manual_seed(0)
+    teacher = 5 + torch.randn(256, 16)
+    constant = teacher.mean(0).expand_as(teacher)
+    assert feature_distance(constant, teacher, "cosine").item() < 0.05  # the shortcut, without
+    target = Standardise(16)(teacher)
+    assert feature_distance(constant, target, "cosine").item() == pytest.approx(1.0, abs=0.02)
+    chance = feature_distance(torch.randn(256, 16), target, "cosine").item()
+    assert chance == pytest.approx(1.0, abs=0.05)
+    c = torch.full((256, 16), 0.5)
+    assert feature_distance(c, target, "mse").item() == pytest.approx(1 + 0.25, rel=1e-4)
 
 
 def test_token_grid_resized_bilinearly():
@@ -76,7 +106,8 @@ def test_sam_embedding_mse_resizes_the_student_map_to_the_embeddings_grid_by_han
 
 
 def _held_out_cosine(method: Distill, folder) -> float:
-    """Mean cosine of the projected student embedding and the teacher's on the 32 test digits."""
+    """Mean cosine of the projected student embedding and the teacher's standardised one on the 32 test
+    digits."""
     from PIL import Image
 
     pre = method.encoder.preprocess
@@ -85,7 +116,8 @@ def _held_out_cosine(method: Distill, folder) -> float:
     )
     with torch.no_grad():
         s = method.pooled_proj(method.encoder.eval()(x))
-        return float(torch.nn.functional.cosine_similarity(s, method.frozen_teacher(x).pooled, dim=-1).mean())
+        t = method.pooled_norm.eval()(method.frozen_teacher(x).pooled)  # the training run's statistics
+        return float(torch.nn.functional.cosine_similarity(s, t, dim=-1).mean())
 
 
 def test_feature_distillation_moves_the_student_to_the_frozen_teacher_and_exports_it(
@@ -109,7 +141,8 @@ def test_feature_distillation_moves_the_student_to_the_frozen_teacher_and_export
     # the teacher is neither checkpointed nor exported; the export is the student's layout
     for ckpt in checkpoints(run / "checkpoints"):
         keys = set(load_file(ckpt / "model.safetensors"))
-        assert {k.split(".")[0] for k in keys} == {"encoder", "pooled_proj", "token_proj"}, keys
+        parts = {"encoder", "pooled_proj", "token_proj", "pooled_norm", "token_norm"}
+        assert {k.split(".")[0] for k in keys} == parts, keys
     assert create_encoder(str(run)).num_features == create_encoder("cvfm/tiny-resnet").num_features
     reference = tmp_path / "ref"
     create_encoder("cvfm/tiny-resnet").save(reference)

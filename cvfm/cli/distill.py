@@ -34,6 +34,12 @@ def distill(
         help="Feature loss on this teacher module's output (timm path, e.g. blocks.11).",
     ),
     distance: str = typer.Option("cosine", "--distance", help="Feature loss: cosine or mse."),
+    standardise: bool = typer.Option(
+        True,
+        "--standardise/--no-standardise",
+        help="Feature loss: the teacher's targets standardised per dimension by their running mean and "
+        "variance (the teacher's shared mean direction is no target).",
+    ),
     token_weight: float = typer.Option(1.0, "--token-weight", min=0, help="Feature loss: patch-token term."),
     temperature: float = typer.Option(4.0, "--temperature", min=1e-3, help="Logit loss: T of KL x T^2."),
     augment: bool = typer.Option(True, "--augment/--no-augment", help="Random resized crop and flip."),
@@ -60,11 +66,12 @@ def distill(
     resume: bool = common.Resume,
 ) -> None:
     """Distil a frozen teacher into a student: feature distillation (cosine or MSE on the pooled embedding
-    and the patch tokens; a learned projector when the widths differ, the teacher's token grid resized to
-    the student's), DINO-style distillation (the teacher's DINO head distribution as the target; the
-    student's EMA is the result, as in DINOv2), logit distillation (KL x T^2) from a classifier, and
-    MobileSAM's decoupled distillation of a SAM image encoder (MSE between the student's projected feature
-    map, resized to the embedding's grid, and the SAM image embedding).
+    and the patch tokens against the teacher's, standardised per dimension; a learned projector on the
+    student's side, the teacher's token grid resized to the student's), DINO-style distillation (the
+    teacher's DINO head distribution as the target; the student's EMA is the result, as in DINOv2), logit
+    distillation (KL x T^2) from a classifier, and MobileSAM's decoupled distillation of a SAM image encoder
+    (MSE between the student's projected feature map, resized to the embedding's grid, and the SAM image
+    embedding).
 
     The teacher runs frozen in eval mode (bf16 on a GPU that has it) on the student's views, re-sized and
     re-normalised to its own preprocessing; it is never in the checkpoints or the export. Writes run.json,
@@ -104,6 +111,7 @@ def distill(
         losses=tuple(loss or ("feature",)),
         teacher_layer=teacher_layer,
         distance=distance,
+        standardise=standardise,
         token_weight=token_weight,
         temperature=temperature,
         augment=augment,

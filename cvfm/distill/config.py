@@ -22,6 +22,7 @@ class DistillConfig(TrainSettings):
     losses: tuple[str, ...] = ("feature",)
     teacher_layer: str | None = None  # feature loss: a module path inside the teacher (forward hook)
     distance: str = "cosine"  # feature loss: cosine or mse
+    standardise: bool = True  # feature loss: the teacher's targets standardised per dimension (running stats)
     token_weight: float = 1.0  # feature loss: weight of the patch-token term (0: pooled embedding only)
     temperature: float = 4.0  # logit loss: KL(teacher || student) at T, times T^2 (Hinton et al. 2015)
     augment: bool = True  # random resized crop + flip (MAE's); off: the evaluation transform

@@ -10,6 +10,7 @@ from cvfm.data.views import MultiView, crop_flip
 from cvfm.distill.cache import TeacherCache
 from cvfm.distill.config import DistillConfig
 from cvfm.distill.losses import dino_distill, embedding_mse, feature_distance, logit_kd, resize_tokens
+from cvfm.distill.standardise import Standardise
 from cvfm.distill.teacher import SamTeacher, Teacher, token_grid
 from cvfm.methods.base import Budget, Method, ema_update, feature_std, frozen_copy
 from cvfm.methods.dino import DINOHead
@@ -18,13 +19,16 @@ from cvfm.runtime.schedules import cosine
 STUDENT_TEMP, CENTER_MOMENTUM, EMA_MOMENTUM = 0.1, 0.9, 0.996  # DINO's
 
 
-def projector(student_dim: int, teacher_dim: int) -> nn.Module:
-    """A learned linear map to the teacher's width when the widths differ (not exported)."""
-    return nn.Identity() if student_dim == teacher_dim else nn.Linear(student_dim, teacher_dim)
+def projector(student_dim: int, teacher_dim: int) -> nn.Linear:
+    """A learned linear map of the student's features to the teacher's width (not exported), also when the
+    widths agree: FD and MobileSAM project on the student side, and a student's features after a ReLU could
+    not reach standardised (centred) targets without one."""
+    return nn.Linear(student_dim, teacher_dim)
 
 
 class Distill(Method):
-    """Feature distillation (pooled embedding and patch tokens), DINO-style distillation (the teacher head's
+    """Feature distillation (pooled embedding and patch tokens, against the teacher's standardised outputs:
+    see `cvfm.distill.standardise`), DINO-style distillation (the teacher head's
     distribution; the student's EMA is the exported model, as in DINOv2) and logit distillation.
 
     With "dino" the online student is `student` and `encoder` (exported, evaluated) its EMA; otherwise
@@ -48,6 +52,8 @@ class Distill(Method):
         if "feature" in cfg.losses:
             self.pooled_proj = projector(encoder.num_features, width)
             self.token_proj = projector(encoder.num_features, width)
+            self.pooled_norm = Standardise(width) if cfg.standardise else nn.Identity()
+            self.token_norm = Standardise(width) if cfg.standardise else nn.Identity()
         if "logit" in cfg.losses:
             self.logit_head = nn.Linear(encoder.num_features, len(teacher.classes))
         if "dino" in cfg.losses:
@@ -78,10 +84,11 @@ class Distill(Method):
         out = self.online.encode(x)
         losses: dict[str, torch.Tensor] = {}
         if "feature" in self.cfg.losses:
-            losses["pooled"] = feature_distance(self.pooled_proj(out.pooled), t.pooled, self.cfg.distance)
+            pooled = self.pooled_norm(t.pooled)
+            losses["pooled"] = feature_distance(self.pooled_proj(out.pooled), pooled, self.cfg.distance)
             if self.cfg.token_weight and t.tokens is not None and out.patch_tokens is not None:
                 grid = token_grid(self.online, x.shape[-2:], out.patch_tokens.shape[1])
-                target = resize_tokens(t.tokens, t.grid, grid)
+                target = resize_tokens(self.token_norm(t.tokens), t.grid, grid)
                 tokens = feature_distance(self.token_proj(out.patch_tokens), target, self.cfg.distance)
                 losses["tokens"] = self.cfg.token_weight * tokens
         if "sam-embedding" in self.cfg.losses:
@@ -98,7 +105,7 @@ class Distill(Method):
         logs = {f"loss_{k}": float(v.detach()) for k, v in losses.items()}
         logs["feature_std"] = feature_std(out.pooled)
         if "feature" in self.cfg.losses:
-            logs["teacher_cosine"] = _pooled_cosine(self.pooled_proj, out.pooled, t.pooled)
+            logs["teacher_cosine"] = _pooled_cosine(self.pooled_proj, out.pooled, pooled)
         return sum(losses.values()), logs
 
     @torch.no_grad()
@@ -120,5 +127,6 @@ class Distill(Method):
 
 @torch.no_grad()
 def _pooled_cosine(proj: nn.Module, student: torch.Tensor, teacher: torch.Tensor) -> float:
-    """Mean cosine of the projected student embedding and the teacher's: how close distillation got."""
+    """Mean cosine of the projected student embedding and the teacher's target (standardised unless
+    --no-standardise): how close distillation got."""
     return float(torch.nn.functional.cosine_similarity(proj(student).float(), teacher, dim=-1).mean())
