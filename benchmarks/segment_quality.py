@@ -145,9 +145,8 @@ def quality(args, work: Path) -> dict:
     say(f"[quality] baselines in {time.perf_counter() - t0:.0f} s: {results['baselines']}")
     results["untrained"] = evaluate("cvfm/tiny-sam", args.eval_images, work, "untrained")
     flags = ["--data", DATA, "--split", "train", *shlex.split(args.train_flags)]
-    t0 = time.perf_counter()
     train(work / "trained", "--model", "cvfm/tiny-sam", *flags)
-    results["train_seconds"] = time.perf_counter() - t0
+    results["train_seconds"] = json.loads((work / "trained" / "run.json").read_text())["wall_s"]
     results["trained"] = evaluate(str(work / "trained"), args.eval_images, work, "trained")
     results["loop"] = engine_loop(args, work)
     return results
@@ -201,7 +200,7 @@ def add_arguments(p) -> None:
     )
     p.add_argument("--loop-epochs", type=int, default=2, help="epochs over 10%% + 90%% (the 10%% alone: 10x)")
     p.add_argument("--loop-points", type=int, default=16, help="segment auto's points per side")
-    p.add_argument("--auto-iou", type=float, default=0.5, help="segment auto's --pred-iou-thresh")
+    p.add_argument("--auto-iou", type=float, default=0.4, help="segment auto's --pred-iou-thresh")
     p.add_argument("--auto-stability", type=float, default=0.8, help="auto's --stability-score-thresh")
     p.add_argument("--work", default="bench-segment", help="folder for the runs (kept; reruns reuse it)")
 
