@@ -95,7 +95,7 @@ def distill(
 
       cvfm distill -o runs/kd --resume
     """
-    from cvfm.cli.output import emit
+    from cvfm.cli.output import emit_run
     from cvfm.distill import DistillConfig
     from cvfm.distill import distill as run_distill
     from cvfm.errors import UsageError
@@ -131,11 +131,7 @@ def distill(
         overwrite=overwrite,
         resume=resume,
     )
-    path = run_distill(cfg)
-    from accelerate import PartialState
-
-    if PartialState().is_main_process:
-        emit({"run": str(path), "backbone": str(path / "backbone")})
+    emit_run(run_distill(cfg))
 
 
 def register(app: typer.Typer) -> None:

@@ -15,3 +15,12 @@ def emit(record: dict, output: str | None = None) -> None:
     else:
         sys.stdout.write(line)
         sys.stdout.flush()
+
+
+def emit_run(path, exported: str = "backbone") -> None:
+    """The final line of a training command, `{"run": ..., exported: ...}`, written by the main process only
+    (one line, also under accelerate launch / torchrun)."""
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        emit({"run": str(path), exported: str(path / exported)})

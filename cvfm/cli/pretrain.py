@@ -109,7 +109,7 @@ def pretrain(
 
       cvfm pretrain -o runs/dino --resume
     """
-    from cvfm.cli.output import emit
+    from cvfm.cli.output import emit_run
     from cvfm.errors import UsageError
     from cvfm.pretrain import PretrainConfig
     from cvfm.pretrain import pretrain as run_pretrain
@@ -145,11 +145,7 @@ def pretrain(
         ledger=ledger,
     )
     path = run_pretrain(cfg)
-    from accelerate import PartialState
-
-    if PartialState().is_main_process:  # one line, also under accelerate launch
-        exported = "classifier" if (path / "classifier").is_dir() else "backbone"  # supervised: classifier/
-        emit({"run": str(path), exported: str(path / exported)})
+    emit_run(path, "classifier" if (path / "classifier").is_dir() else "backbone")  # supervised: classifier/
 
 
 def register(app: typer.Typer) -> None:

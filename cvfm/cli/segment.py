@@ -320,9 +320,7 @@ def train(
 
       cvfm segment train -o runs/sam --resume
     """
-    from accelerate import PartialState
-
-    from cvfm.cli.output import emit
+    from cvfm.cli.output import emit_run
     from cvfm.errors import UsageError
     from cvfm.segment.train import SegmentTrainConfig, segment_train
 
@@ -355,9 +353,7 @@ def train(
         resume=resume,
         trust_remote_code=trust_remote_code,
     )
-    path = segment_train(cfg)
-    if PartialState().is_main_process:  # one line, also under accelerate launch
-        emit({"run": str(path), "backbone": str(path / "backbone")})
+    emit_run(segment_train(cfg))
 
 
 @app.command("export")
