@@ -23,7 +23,7 @@ class EmbeddingPool:
         self.path = Path(path)
         config = read_settings(self.path / CONFIG_FILE, FORMAT)
         if config is None:
-            raise UsageError(f"'{path}' is not a cvfm embed output (no readable {CONFIG_FILE}): run cvfm embed")
+            raise UsageError(f"'{path}' is not a cvfm embed output (no readable {CONFIG_FILE})")
         config.pop("format")
         if modality not in config["modalities"]:
             raise UsageError(f"embed output '{path}' has no {modality} embeddings ({config['modalities']})")
@@ -76,6 +76,3 @@ class EmbeddingPool:
         if name not in self.metadata.column_names:
             return [None] * len(self)
         return self.metadata.column(name).to_pylist()
-
-
-
