@@ -395,3 +395,16 @@ def test_in_memory_images_get_dropped_ids_not_a_manifest(cli, tmp_path):
     assert d["sha256"].notna().all()  # the pixel arrays, read from the reopened data
     dropped = (tmp_path / "o" / "dropped.txt").read_text().split()
     assert dropped == list(d["id"][~d["kept"]]) and len(d) == summary["rows"]
+
+
+def test_nearest_walks_keys_and_queries_in_blocks():
+    """A pool larger than a block is searched block by block, the blocks' results merged: the same
+    neighbours as one exact search."""
+    from cvfm.curate.kmeans import nearest
+
+    rng = np.random.default_rng(0)
+    queries, keys = rng.normal(size=(40, 8)).astype(np.float32), rng.normal(size=(500, 8)).astype(np.float32)
+    scores, ids = nearest(queries, keys, 5, block_rows=64)
+    expected = np.argsort(-(queries @ keys.T), axis=1)[:, :5]
+    np.testing.assert_array_equal(ids, expected)
+    np.testing.assert_allclose(scores, np.take_along_axis(queries @ keys.T, expected, axis=1), rtol=1e-5)

@@ -83,7 +83,7 @@ def dedup(
 
       cvfm curate dedup photos/ --model timm/vit_small_patch14_dinov2.lvd142m -o dedup/ --keep random
 
-      cvfm pretrain dino --data dedup/kept.jsonl ...
+      cvfm pretrain --data dedup/kept.jsonl --method dino -o runs/dino
     """
     from cvfm.curate.dedup import dedup as run
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from cvfm.curate.decisions import EMBEDDINGS, Decisions, check_output, write_decisions
-from cvfm.curate.inputs import EmbedOptions, check_same_space
+from cvfm.curate.inputs import EmbedOptions, check_same_space, describe
 from cvfm.curate.kmeans import nearest
 from cvfm.errors import UsageError
 from cvfm.runtime.progress import log
@@ -52,13 +52,6 @@ def decontaminate(
         columns={"contaminates": contaminates, "similarity": sim},
     )
     settings = {"threshold": threshold}
-    inputs = {
-        "pool": str(pool.path.absolute()),
-        "against": str(evaluation.path.absolute()),
-        "model": pool.config["model"],
-        "data": pool.config["data"],
-        "against_data": evaluation.config["data"],
-        "against_rows": len(evaluation),
-    }
+    inputs = describe(pool, against=evaluation)
     log(f"decontaminate: {int(hit.sum())} of {len(pool)} match one of {len(evaluation)} (>= {threshold})")
     return write_decisions(out, pool, "decontaminate", settings, inputs, decisions)

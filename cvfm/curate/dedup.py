@@ -15,7 +15,7 @@ import numpy as np
 
 from cvfm.curate.decisions import EMBEDDINGS, Decisions, check_output, write_decisions
 from cvfm.curate.exact import content_hashes, first_copies
-from cvfm.curate.inputs import EmbedOptions
+from cvfm.curate.inputs import EmbedOptions, describe
 from cvfm.curate.semdedup import cluster_rows, default_clusters, find_duplicates, keep_order
 from cvfm.errors import UsageError
 from cvfm.runtime.progress import log
@@ -92,8 +92,7 @@ def dedup(
         },
         manifests={f"kept_eps{e:g}.jsonl": columns[f"kept_eps{e:g}"] for e in eps[1:]},
     )
-    inputs = {"pool": str(pool.path.absolute()), "model": pool.config["model"], "data": pool.config["data"]}
-    summary = write_decisions(out, pool, "dedup", settings, inputs, decisions)
+    summary = write_decisions(out, pool, "dedup", settings, describe(pool), decisions)
     exact_count = int(exact_dup.sum())
     for row in per_eps:
         row.update(exact_duplicates=exact_count, unreadable=len(problems), dropped=n - row["kept"])

@@ -63,6 +63,18 @@ def open_pool(
     return EmbeddingPool(embed_to)
 
 
+def describe(pool: EmbeddingPool, **others: EmbeddingPool) -> dict:
+    """What a step read, for curate.json: the pool's folder, model and data, and each other input's."""
+    out = {"pool": str(pool.path.absolute()), "model": pool.config["model"], "data": pool.config["data"]}
+    for name, other in others.items():
+        out |= {
+            name: str(other.path.absolute()),
+            f"{name}_data": other.config["data"],
+            f"{name}_rows": len(other),
+        }
+    return out
+
+
 def check_same_space(pool: EmbeddingPool, other: EmbeddingPool, what: str) -> None:
     """Refuse to compare embeddings of two different models (or sizes): their similarities mean nothing."""
     mine, theirs = (pool.config["model"], pool.dim), (other.config["model"], other.dim)

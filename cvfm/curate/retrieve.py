@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from cvfm.curate.decisions import DECISIONS_FILE, EMBEDDINGS, Decisions, check_output, write_decisions
-from cvfm.curate.inputs import EmbedOptions, check_same_space
+from cvfm.curate.inputs import EmbedOptions, check_same_space, describe
 from cvfm.curate.kmeans import nearest
 from cvfm.curate.pool import EmbeddingPool
 from cvfm.errors import UsageError
@@ -68,14 +68,7 @@ def retrieve(
         reason=[f"{verb} {s}" if s is not None else "not-retrieved" for s in named],
         columns={"seed": named, **columns},
     )
-    inputs = {
-        "pool": str(pool.path.absolute()),
-        "seeds": str(seed_pool.path.absolute()),
-        "model": pool.config["model"],
-        "data": pool.config["data"],
-        "seeds_data": seed_pool.config["data"],
-        "seeds_rows": len(seed_pool),
-    }
+    inputs = describe(pool, seeds=seed_pool)
     log(f"retrieve: {int(kept.sum())} of {len(pool)} items retrieved by {len(seed_pool)} seeds")
     return write_decisions(out, pool, "retrieve", settings, inputs, decisions)
 
