@@ -44,9 +44,9 @@ the same rows.
 
 Part 3 (Ray). The same photos and ViT-B/32-sized CLIP through `embed(..., engine=...)`: the local engine
 (W decoding workers) against `--engine ray` with 2 model actors on an embedded Ray on this machine
-(decoding as Ray tasks), both in fp32 with parts of one batch. Wall time (Ray's start-up included) and
-images/s from the first part to the last are compared (ratio ray / local; on one small machine Ray's
-overhead is expected: the point is the same output and the path to a cluster). The two outputs must hold
+(decoding as Ray tasks), both in fp32 with parts of one batch. Wall times are compared, Ray's start-up
+included (its parts arrive in a burst: there is no steady rate to read); on one small machine Ray's
+overhead is expected: the point is the same output and the path to a cluster. The two outputs must hold
 the same rows in the same order (asserted); the largest absolute difference of their embeddings is
 printed. Nothing here asserts on timings or memory.
 """
@@ -467,30 +467,30 @@ def ray_vs_local(tmp: Path, n: int, batch: int, workers: int, actors: int) -> di
             engine=engine,
             on_part=lambda p, stamps=stamps: stamps.append(time.perf_counter()),
         )
-        parts = range(summary["parts"]["total"])
+        parts, wall = range(summary["parts"]["total"]), time.perf_counter() - t0
         runs[name] = {
-            "wall_s": time.perf_counter() - t0,
-            "images_per_s": (summary["rows"] - batch) / (stamps[-1] - stamps[0]),
+            "wall_s": wall,
+            "images_per_s": summary["rows"] / wall,
+            "first_part_s": stamps[0] - t0,
             "meta": [pq.read_table(out / "metadata" / f"metadata_{p}.parquet") for p in parts],
             "emb": np.concatenate([np.load(out / "img_emb" / f"img_emb_{p}.npy") for p in parts]),
         }
         r = runs[name]
-        say(f"  {name}: {r['wall_s']:.1f} s wall, {r['images_per_s']:.1f} images/s after part 1")
+        say(f"  {name}: {r['wall_s']:.1f} s wall ({r['first_part_s']:.1f} s to the first part)")
     local, ray = runs["local"], runs["ray"]
     assert all(a.equals(b) for a, b in zip(local["meta"], ray["meta"], strict=True)), "rows differ"
     res = {
         "actors": actors,
         "wall_s": {k: r["wall_s"] for k, r in runs.items()},
         "images_per_s": {k: r["images_per_s"] for k, r in runs.items()},
+        "first_part_s": {k: r["first_part_s"] for k, r in runs.items()},
         "ratio_wall_ray_over_local": ray["wall_s"] / local["wall_s"],
-        "ratio_images_per_s_ray_over_local": ray["images_per_s"] / local["images_per_s"],
         "max_abs_diff": float(np.abs(local["emb"] - ray["emb"]).max()),
         "rows": len(local["emb"]),
     }
     say(
-        f"  ray / local: wall time {res['ratio_wall_ray_over_local']:.2f}x, images/s after part 1 "
-        f"{res['ratio_images_per_s_ray_over_local']:.2f}x; same {res['rows']} rows in the same order, "
-        f"max |difference| of the embeddings {res['max_abs_diff']:.2e}"
+        f"  ray / local: wall time {res['ratio_wall_ray_over_local']:.2f}x; same {res['rows']} rows in the "
+        f"same order, max |difference| of the embeddings {res['max_abs_diff']:.2e}"
     )
     return res
 

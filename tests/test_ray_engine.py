@@ -179,3 +179,43 @@ def test_ray_is_not_imported_by_cvfm():
         "sys.exit('ray' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], env=_env(), cwd=ROOT).returncode == 0
+
+
+# ------------------------------------------------------------------------------------------ the others
+
+
+@pytest.mark.slow
+def test_ray_captions_equal_the_local_engines(photos, tmp_path, monkeypatch):
+    """`caption --engine ray` with nucleus sampling (seeded per batch of the grid): the same lines, the
+    same rejects and the same settings sidecar as the local engine."""
+    from cvfm.caption import caption
+
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    opts = {"batch_size": 3, "num_workers": 0, "precision": "fp32", "max_length": 10, "min_length": 2}
+    opts.update(top_p=0.9, num_captions=2, seed=3)
+    outs = {e: tmp_path / f"{e}.jsonl" for e in ("local", "ray")}
+    sums = {e: caption("cvfm/tiny-blip", str(photos), str(outs[e]), engine=e, **opts) for e in outs}
+    assert sums["ray"] == {**sums["local"], "output": str(outs["ray"])}
+    for suffix in ("", ".rejects", ".json"):
+        local, ray = (Path(f"{outs[e]}{suffix}").read_text() for e in ("local", "ray"))
+        assert local == ray and local, suffix
+    assert len(outs["ray"].read_text().splitlines()) == N_FILES - 1
+
+
+@pytest.mark.slow
+def test_ray_segment_auto_equals_the_local_engines(cli, photos, tmp_path, monkeypatch):
+    """`segment auto --engine ray` (amg format, 2 images a batch): the same files, byte for byte, and the
+    same summary (the corrupt file skipped and named)."""
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    knobs = ["--points-per-side", "6", "--pred-iou-thresh", "0", "--stability-score-thresh", "0.5"]
+    base = ["segment", "auto", "cvfm/tiny-sam", "--data", str(photos), "--images-per-batch", "2", *knobs]
+    results = {}
+    for engine in ("local", "ray"):
+        out = tmp_path / engine
+        r = cli(*base, "-o", str(out), "--engine", engine)
+        assert r.code == 0, r.err
+        files = {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+        results[engine] = ({k: v for k, v in json.loads(r.out).items() if k != "output"}, files)
+    assert results["ray"] == results["local"]
+    summary, files = results["ray"]
+    assert summary["images"] == N_FILES - 1 and len(summary["skipped"]) == 1 and len(files) > N_FILES
