@@ -6,6 +6,7 @@ Run from the repository root with the venv active:
     HF_HUB_OFFLINE=1 python benchmarks/embed.py --quick          # smoke test, about 2 minutes on 2 cores
     HF_HUB_OFFLINE=1 python benchmarks/embed.py                  # default: about 10 minutes on 2 idle cores
     HF_HUB_OFFLINE=1 python benchmarks/embed.py --skip-memory --rounds 5 --json /tmp/embed.json
+    HF_HUB_OFFLINE=1 python benchmarks/embed.py --skip-speed --skip-memory --images 96   # Ray vs local
 
 Part 1 (speed). One ViT-B/32-sized CLIPModel with random weights (transformers, built in code: vision
 width 768, 12 layers, patch 32 at 224 px; projection 512) is saved to a temporary folder with a
@@ -39,7 +40,15 @@ of --rss-rows small PNGs (repeated, ids unique), and reads its peak RSS (VmHWM) 
 most one part's embeddings are held, so the peak should grow with the part size, not with the number of
 parts: the growth per part (last part's peak less the first's, over the parts between) is printed next
 to the size of one part's embeddings (part size x 1024 float32), and the two part sizes are compared at
-the same rows. Nothing here asserts on timings or memory.
+the same rows.
+
+Part 3 (Ray). The same photos and ViT-B/32-sized CLIP through `embed(..., engine=...)`: the local engine
+(W decoding workers) against `--engine ray` with 2 model actors on an embedded Ray on this machine
+(decoding as Ray tasks), both in fp32 with parts of one batch. Wall times are compared, Ray's start-up
+included (its parts arrive in a burst: there is no steady rate to read); on one small machine Ray's
+overhead is expected: the point is the same output and the path to a cluster. The two outputs must hold
+the same rows in the same order (asserted); the largest absolute difference of their embeddings is
+printed. Nothing here asserts on timings or memory.
 """
 
 from __future__ import annotations
@@ -428,6 +437,64 @@ def peak_rss(tmp: Path, part_sizes: list[int], rows: int, distinct: int = 200) -
     return runs
 
 
+# ------------------------------------------------------------------------------------------------- ray
+
+
+def ray_vs_local(tmp: Path, n: int, batch: int, workers: int, actors: int) -> dict:
+    """The local engine and the Ray engine (`actors` model actors) on the same photos and model."""
+    import pyarrow.parquet as pq
+
+    from cvfm.embed import embed
+    from cvfm.runtime.engine import Engine
+
+    if not (tmp / "photos").exists():
+        write_photos(tmp / "photos", n)
+    if not (tmp / "clip").exists():
+        build_clip(tmp / "clip")
+    runs = {}
+    for name, engine in (("local", Engine()), ("ray", Engine("ray", actors=actors))):
+        out, stamps = tmp / f"out_{name}", []
+        t0 = time.perf_counter()
+        summary = embed(
+            str(tmp / "clip"),
+            str(tmp / "photos"),
+            str(out),
+            batch_size=batch,
+            num_workers=workers,
+            precision="fp32",
+            part_size=batch,
+            overwrite=True,
+            engine=engine,
+            on_part=lambda p, stamps=stamps: stamps.append(time.perf_counter()),
+        )
+        parts, wall = range(summary["parts"]["total"]), time.perf_counter() - t0
+        runs[name] = {
+            "wall_s": wall,
+            "images_per_s": summary["rows"] / wall,
+            "first_part_s": stamps[0] - t0,
+            "meta": [pq.read_table(out / "metadata" / f"metadata_{p}.parquet") for p in parts],
+            "emb": np.concatenate([np.load(out / "img_emb" / f"img_emb_{p}.npy") for p in parts]),
+        }
+        r = runs[name]
+        say(f"  {name}: {r['wall_s']:.1f} s wall ({r['first_part_s']:.1f} s to the first part)")
+    local, ray = runs["local"], runs["ray"]
+    assert all(a.equals(b) for a, b in zip(local["meta"], ray["meta"], strict=True)), "rows differ"
+    res = {
+        "actors": actors,
+        "wall_s": {k: r["wall_s"] for k, r in runs.items()},
+        "images_per_s": {k: r["images_per_s"] for k, r in runs.items()},
+        "first_part_s": {k: r["first_part_s"] for k, r in runs.items()},
+        "ratio_wall_ray_over_local": ray["wall_s"] / local["wall_s"],
+        "max_abs_diff": float(np.abs(local["emb"] - ray["emb"]).max()),
+        "rows": len(local["emb"]),
+    }
+    say(
+        f"  ray / local: wall time {res['ratio_wall_ray_over_local']:.2f}x; same {res['rows']} rows in the "
+        f"same order, max |difference| of the embeddings {res['max_abs_diff']:.2e}"
+    )
+    return res
+
+
 # ------------------------------------------------------------------------------------------------- main
 
 
@@ -443,6 +510,8 @@ def main() -> None:
     ap.add_argument("--rss-rows", type=int, default=None, help="memory: rows of the many-part runs (24000)")
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--skip-ray", action="store_true")
+    ap.add_argument("--actors", type=int, default=2, help="ray: model actors")
     ap.add_argument("--json", default=None, help="also write the results to this file")
     args = ap.parse_args()
     n = args.images or (96 if args.quick else 256)
@@ -492,6 +561,13 @@ def main() -> None:
                 f"32 px), 2 workers, batch 256, at part sizes {part_sizes}, a fresh process each"
             )
             results["memory"] = peak_rss(tmp, part_sizes, rss_rows)
+        if not args.skip_ray:
+            say("")
+            say(
+                f"Ray engine ({args.actors} actors, embedded Ray) against the local engine "
+                f"({args.num_workers} workers): {n} photos, ViT-B/32-sized CLIP, fp32, batch {batch}"
+            )
+            results["ray"] = ray_vs_local(tmp, n, batch, args.num_workers, args.actors)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 

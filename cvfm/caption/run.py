@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -15,6 +16,7 @@ from cvfm.data.loader import ImageDataset, SkipLog, collate
 from cvfm.data.sources import ImageSource, follow_stdin, open_source
 from cvfm.errors import UsageError
 from cvfm.runtime.device import default_device
+from cvfm.runtime.engine import Engine, RaySession, open_engine
 from cvfm.runtime.precision import autocast, precision_name, resolve_precision
 from cvfm.runtime.progress import log, progress
 from cvfm.runtime.threads import share_cores_with_workers
@@ -43,17 +45,56 @@ def caption(
     pretrained: bool = True,
     trust_remote_code: bool = False,
     device: str | None = None,
+    engine: Engine | str | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> dict:
     """Caption every image of `data` with the BLIP captioner `model`; write JSON lines to `output`.
 
     Beam search (`num_beams`) by default, nucleus sampling when `top_p` is set. `on_batch(k)` is called
-    after batch k is written. Returns a summary: images captioned now / already done, skipped items."""
+    after batch k is written. `engine` "ray" captions the batches on Ray (see `cvfm.runtime.engine`): the
+    same lines. Returns a summary: images captioned now / already done, skipped items."""
+    args = {k: v for k, v in locals().items() if k != "engine"}  # first: the arguments alone
+    engine = Engine.of(engine)
+    if engine.is_ray and data == "-" and output == "-":
+        raise UsageError(
+            "--engine ray captions a whole source: --data - -o - follows standard input, which the local "
+            "engine does (or write to a file)"
+        )
+    with open_engine(engine) as session:
+        return _caption(**args, session=session)
+
+
+def _caption(
+    model: str,
+    data: str,
+    output: str,
+    *,
+    split: str | None,
+    prompt: str | None,
+    num_beams: int,
+    top_p: float | None,
+    num_captions: int,
+    max_length: int,
+    min_length: int,
+    repetition_penalty: float,
+    batch_size: int,
+    num_workers: int,
+    seed: int,
+    precision: str,
+    strict: bool,
+    overwrite: bool,
+    image_column: str,
+    pretrained: bool,
+    trust_remote_code: bool,
+    device: str | None,
+    on_batch: Callable[[int], None] | None,
+    session: RaySession | None,
+) -> dict:
     _check_settings(num_beams, top_p, num_captions, max_length, min_length, batch_size, repetition_penalty)
     follow = data == "-" and output == "-"  # a pipe in and out: caption the lines as they arrive
     source = None if follow else open_source(data, split=split, image_column=image_column, strict=strict)
     dev = torch.device(default_device(device))
-    amp = resolve_precision(precision, dev)
+    amp = session.precision(precision) if session is not None else resolve_precision(precision, dev)
     sampling = top_p is not None
     settings = {
         "cvfm_version": cvfm.__version__,
@@ -95,10 +136,8 @@ def caption(
         )
     skips = SkipLog(strict, earlier_rejects)
     written = images = first = 0
-    if batches != 0:
-        if dev.type == "cpu":
-            share_cores_with_workers(num_workers)
-        captioner.eval().to(dev)
+    if batches != 0 and session is None and dev.type == "cpu":
+        share_cores_with_workers(num_workers)
     kwargs = {
         "prompt": prompt or None,
         "num_beams": num_beams,
@@ -118,26 +157,31 @@ def caption(
                 for s in chunk.skipped:
                     log(f"caption: skipped {s['where']}: {s['reason']}")
                 todo = todo_batches(chunk, batch_size, done)
-                loader = DataLoader(
-                    ImageDataset(chunk, captioner.preprocess.transform()),
-                    batch_sampler=GridBatches(todo, batch_size, len(chunk)),
-                    num_workers=num_workers if todo else 0,
-                    collate_fn=collate,
-                    pin_memory=dev.type == "cuda",
-                )
-                for k, batch in zip(todo, loader, strict=True):
-                    skips.add(batch["skipped"])  # raises with --strict
-                    rejects = [reject(chunk, s.index, s.reason) for s in batch["skipped"]]
+                if session is None:
+                    loader = DataLoader(
+                        ImageDataset(chunk, captioner.preprocess.transform()),
+                        batch_sampler=GridBatches(todo, batch_size, len(chunk)),
+                        num_workers=num_workers if todo else 0,
+                        collate_fn=collate,
+                        pin_memory=dev.type == "cuda",
+                    )
+                    step = _Step(captioner, dev, amp, seed, kwargs)
+                    results = ((k, step((first + k, batch))) for k, batch in zip(todo, loader, strict=True))
+                else:
+                    build = functools.partial(
+                        _Step.load, model, pretrained, trust_remote_code, precision_name(amp), seed, kwargs
+                    )
+                    decode = _Decode(chunk, captioner.preprocess.transform(), batch_size, first)
+                    results = session.map(todo, decode, build)
+                for k, out in results:
+                    skips.add(out["skipped"])  # raises with --strict
+                    rejects = [reject(chunk, s.index, s.reason) for s in out["skipped"]]
                     for r in rejects:
                         log(f"caption: skipped {r['image']}: {r['reason']}")
-                    rows = []
-                    if batch["index"] is not None:
-                        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-                            torch.manual_seed(batch_seed(seed, first + k))
-                            with torch.inference_mode(), autocast(dev, amp):
-                                texts = captioner.generate(batch["image"].to(dev), **kwargs)
-                        for i, caps in zip(batch["index"].tolist(), texts, strict=True):
-                            rows.append(record(chunk, i, caps, num_captions))
+                    rows = [
+                        record(chunk, i, caps, num_captions)
+                        for i, caps in zip(out["index"], out["texts"], strict=True)
+                    ]
                     written += write([r for r in rows if r["id"] not in done], rejects, done)
                     advance()
                     if on_batch is not None:
@@ -161,6 +205,46 @@ def caption(
     }
     log(f"caption: {written} images captioned, {already} already done, {len(summary['skipped'])} skipped")
     return summary
+
+
+class _Step:
+    """The model half of batch k: {"index": rows that decoded, "texts": their captions, "skipped"}. Sampling
+    is seeded by the batch's place in the grid, so any process captions a batch alike."""
+
+    def __init__(self, captioner, device: torch.device, amp: torch.dtype | None, seed: int, kwargs: dict):
+        self.captioner, self.device, self.amp, self.seed, self.kwargs = captioner, device, amp, seed, kwargs
+        captioner.eval().to(device)
+
+    @classmethod
+    def load(cls, model, pretrained, trust_remote_code, precision: str, seed: int, kwargs: dict) -> _Step:
+        """On a Ray actor: the captioner on the actor's device, at the driver's resolved precision."""
+        device = torch.device(default_device())
+        captioner = _load(model, pretrained, trust_remote_code)
+        return cls(captioner, device, resolve_precision(precision, device), seed, kwargs)
+
+    def __call__(self, payload: tuple[int, dict]) -> dict:
+        k, batch = payload
+        out = {"index": [], "texts": [], "skipped": batch["skipped"]}
+        if batch["index"] is None:
+            return out
+        dev = self.device
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            torch.manual_seed(batch_seed(self.seed, k))
+            with torch.inference_mode(), autocast(dev, self.amp):
+                out["texts"] = self.captioner.generate(batch["image"].to(dev), **self.kwargs)
+        out["index"] = batch["index"].tolist()
+        return out
+
+
+class _Decode:
+    """A Ray task's share of the DataLoader's work: batch k of the grid, decoded and collated."""
+
+    def __init__(self, source: ImageSource, transform, batch_size: int, first: int):
+        self.dataset, self.batch_size, self.first = ImageDataset(source, transform), batch_size, first
+
+    def __call__(self, k: int) -> tuple[int, dict]:
+        rows = range(k * self.batch_size, min(len(self.dataset), (k + 1) * self.batch_size))
+        return self.first + k, collate([self.dataset[i] for i in rows])
 
 
 def _check_unique_ids(source: ImageSource) -> None:

@@ -44,13 +44,17 @@ def caption(
     ),
     pretrained: bool = common.pretrained_option(True),
     trust_remote_code: bool = common.TrustRemoteCode,
+    engine: str = common.EngineKind,
+    address: str = common.Address,
+    actors: int = common.Actors,
 ) -> None:
     """Caption images: one JSON line {"id", "image", "caption"} per image, in the data's order.
 
     Beam search by default; --top-p samples (seeded per batch by --seed, so a rerun gives the same
     captions). With -o FILE a rerun of the same command resumes: complete lines are kept, the rest is
     computed; FILE.json records the settings, FILE.rejects the unreadable images. With --data - -o -
-    the lines on stdin are captioned as they arrive, a batch as soon as its lines are there.
+    the lines on stdin are captioned as they arrive, a batch as soon as its lines are there. --engine ray
+    captions the batches on Ray (an embedded one, or the cluster at --address): the same lines.
 
     Examples:
 
@@ -62,6 +66,7 @@ def caption(
     """
     from cvfm.caption import caption as run_caption
 
+    run_engine = common.engine(engine, address, actors)
     summary = run_caption(
         model,
         data,
@@ -83,6 +88,7 @@ def caption(
         image_column=image_column,
         pretrained=pretrained,
         trust_remote_code=trust_remote_code,
+        engine=run_engine,
     )
     if output != "-":
         from cvfm.cli.output import emit

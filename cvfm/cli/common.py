@@ -29,6 +29,36 @@ RunWorkers = typer.Option(
     "keeps the CPU thread count it started with, so its result does not depend on this.",
 )
 
+ENGINE_PANEL = "Engine (batch inference on Ray)"
+EngineKind = typer.Option(
+    "local",
+    "--engine",
+    help="local (this process; DataLoader workers decode) or ray (decoding as Ray tasks, the model in "
+    "actors, one per GPU; pip install 'cvfm[ray]'). Same output, same resume.",
+    rich_help_panel=ENGINE_PANEL,
+)
+Address = typer.Option(
+    None,
+    "--address",
+    help="Ray: join this cluster (auto: the one `ray start` runs here; or HOST:PORT). Default: start an "
+    "embedded Ray on this machine for the command.",
+    rich_help_panel=ENGINE_PANEL,
+)
+Actors = typer.Option(
+    None,
+    "--actors",
+    min=1,
+    help="Ray: model replicas (default: one per GPU of the cluster, else 1).",
+    rich_help_panel=ENGINE_PANEL,
+)
+
+
+def engine(kind: str, address: str | None, actors: int | None):
+    """The Engine of the --engine / --address / --actors options (a usage error for a bad mix)."""
+    from cvfm.runtime.engine import Engine
+
+    return Engine(kind, address, actors)
+
 
 def pretrained_option(default: bool, note: str = ""):
     """The --pretrained/--random-init choice, defaulting to `default` (each command keeps its own)."""

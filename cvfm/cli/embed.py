@@ -44,6 +44,9 @@ def embed(
         "--overwrite",
         help="Replace an output of another configuration (or write into a foreign folder).",
     ),
+    engine: str = common.EngineKind,
+    address: str = common.Address,
+    actors: int = common.Actors,
 ) -> None:
     """Embed images and/or texts: img_emb/img_emb_{p}.npy, text_emb/text_emb_{p}.npy and
     metadata/metadata_{p}.parquet per part of --part-size rows (same row order), or JSON lines with -o -.
@@ -55,6 +58,7 @@ def embed(
 
     A rerun of the same command resumes: parts already written are kept, the rest is computed. Under
     `accelerate launch` the processes split the parts; --shard-id/--num-shards split them across jobs.
+    --engine ray runs the batches on Ray (an embedded one, or the cluster at --address): the same files.
 
     Examples:
 
@@ -63,10 +67,13 @@ def embed(
       cvfm embed cvfm/tiny-clip --data pairs.jsonl --text-column caption -o emb/
 
       find photos -name '*.jpg' | cvfm embed timm/resnet50.a1_in1k --data - -o - | head -1
+
+      cvfm embed hf/openai/clip-vit-base-patch32 --data photos/ -o emb/ --engine ray --address auto
     """
     from cvfm.embed import embed as run_embed
     from cvfm.runtime.progress import log
 
+    run_engine = common.engine(engine, address, actors)
     summary = run_embed(
         model,
         data,
@@ -88,6 +95,7 @@ def embed(
         label_column=label_column,
         pretrained=pretrained,
         trust_remote_code=trust_remote_code,
+        engine=run_engine,
     )
     if int(os.environ.get("RANK", "0")) != 0:  # one summary per launch, from the first process
         return

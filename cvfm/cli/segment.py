@@ -202,10 +202,14 @@ def auto(
     overwrite: bool = FolderOverwrite,
     pretrained: bool = common.pretrained_option(True),
     trust_remote_code: bool = common.TrustRemoteCode,
+    engine: str = common.EngineKind,
+    address: str = common.Address,
+    actors: int = common.Actors,
     settings=None,
 ) -> None:
     """Segment anything: masks for every object of every image, SAM's automatic mask generator with the
     reference defaults and amg.py's knobs. A folder output is resumable: finished images are skipped.
+    --engine ray segments on Ray (an embedded one, or the cluster at --address): the same files.
 
     Examples:
 
@@ -231,6 +235,7 @@ def auto(
         overwrite=overwrite,
         pretrained=pretrained,
         trust_remote_code=trust_remote_code,
+        engine=common.engine(engine, address, actors),
     )
     if output != "-":
         emit(summary)

@@ -58,6 +58,11 @@ class PartBatchSampler(Sampler[list[int]]):
             raise UsageError(f"--batch-size must be at least 1, not {batch_size}")
         self.plan, self.parts, self.batch_size = plan, list(parts), batch_size
 
+    def batches(self) -> Iterator[tuple[int, list[int], bool]]:
+        """(part, rows of the batch, is_last_batch_of_part), in order."""
+        for part, rows, last in self._batches():
+            yield part, list(rows), last
+
     def _batches(self) -> Iterator[tuple[int, range, bool]]:
         for part in self.parts:
             rows = self.plan.rows(part)

@@ -26,6 +26,7 @@ from cvfm.embed.towers import Towers, load_towers
 from cvfm.embed.writers import JsonLinesWriter, PartWriter
 from cvfm.errors import UsageError
 from cvfm.runtime.device import default_device
+from cvfm.runtime.engine import Engine, RaySession, open_engine
 from cvfm.runtime.precision import autocast, precision_name, resolve_precision
 from cvfm.runtime.progress import log, progress
 from cvfm.runtime.threads import share_cores_with_workers
@@ -58,6 +59,7 @@ def embed(
     pretrained: bool = True,
     trust_remote_code: bool = False,
     device: str | None = None,
+    engine: Engine | str | None = None,
     on_part=None,
 ) -> dict:
     """Embed the images (and/or the texts of `text_column`) of `data` with `model`.
@@ -66,7 +68,49 @@ def embed(
     on stdout. This process computes the parts it owns: shard `shard_id` of `num_shards`, and within it
     process `rank` of `world_size` (default: the launcher's environment). `on_part(p)` is called after
     part p is written. Returns a summary: rows, dims, parts written / already done, skipped items.
+
+    `engine` "ray" (or an `Engine` with a cluster address and an actor count) runs the batches on Ray:
+    the same files, rows and resume markers as the local engine (see `cvfm.runtime.engine`).
     """
+    args = {k: v for k, v in locals().items() if k != "engine"}  # first: the arguments alone
+    engine = Engine.of(engine)
+    if engine.is_ray and data == "-" and output == "-" and num_shards == 1:
+        raise UsageError(
+            "--engine ray embeds a whole source: --data - -o - follows standard input, which the local "
+            "engine does (or write to a folder: -o FOLDER reads all of stdin first)"
+        )
+    with open_engine(engine) as session:
+        return _embed(**args, session=session)
+
+
+def _embed(
+    model: str,
+    data: str,
+    output: str,
+    *,
+    split: str | None,
+    text_column: str | None,
+    images: bool,
+    image_column: str,
+    label_column: str | None,
+    batch_size: int,
+    num_workers: int,
+    precision: str,
+    dtype: str,
+    normalize: bool,
+    part_size: int,
+    shard_id: int,
+    num_shards: int,
+    rank: int | None,
+    world_size: int | None,
+    overwrite: bool,
+    strict: bool,
+    pretrained: bool,
+    trust_remote_code: bool,
+    device: str | None,
+    on_part,
+    session: RaySession | None,
+) -> dict:
     if dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, not '{dtype}'")
     check_shard(shard_id, num_shards)
@@ -79,8 +123,12 @@ def embed(
         raise UsageError("-o - under several processes would interleave their lines: write to a folder")
     if procs.world > 1 and data == "-":
         raise UsageError("--data - (stdin) reaches one process only: use a manifest file with several")
-    dev = torch.device(device) if device else (procs.device or torch.device(default_device()))
-    amp = resolve_precision(precision, dev)
+    if session is not None:
+        Engine("ray").check_single_process(procs.world)
+        dev, amp = None, session.precision(precision)
+    else:
+        dev = torch.device(device) if device else (procs.device or torch.device(default_device()))
+        amp = resolve_precision(precision, dev)
     loop = {"num_workers": num_workers, "normalize": normalize}
     summary = {
         "model": model,
@@ -156,14 +204,30 @@ def embed(
             writer = PartWriter(folder, source, dims, plan, dtype, on_part)
         else:
             writer = JsonLinesWriter(source, on_part=on_part)
-        if dev.type == "cpu":
-            share_cores_with_workers(num_workers, procs.world)
-        log(f"embed: {len(todo)} parts to compute on {dev} ({precision_name(amp)})")
+        log(f"embed: {len(todo)} parts to compute on {dev or 'Ray'} ({precision_name(amp)})")
         skips = SkipLog(strict, source.skipped)
+        sampler = PartBatchSampler(plan, todo, batch_size)
         try:
-            _embed_parts(
-                towers, source, PartBatchSampler(plan, todo, batch_size), writer, dev, amp, skips, **loop
-            )
+            if session is None:
+                if dev.type == "cpu":
+                    share_cores_with_workers(num_workers, procs.world)
+                _embed_parts(towers, source, sampler, writer, dev, amp, skips, **loop)
+            else:
+                load = functools.partial(
+                    load_towers,
+                    model,
+                    images=images,
+                    texts=texts,
+                    pretrained=pretrained,
+                    trust_remote_code=trust_remote_code,
+                )
+                units = [((part, last), rows) for part, rows, last in sampler.batches()]
+                results = session.map(
+                    units,
+                    _Decode(source, towers),
+                    functools.partial(_Step.load, load, precision_name(amp), normalize),
+                )
+                _write_batches(((u[0], r) for u, r in results), writer, skips, len(units))
         except KeyboardInterrupt:
             if folder is not None:
                 n = len(writer.written)
@@ -237,7 +301,6 @@ def merge_summaries(summaries: list[dict]) -> dict:
     return first
 
 
-@torch.inference_mode()
 def _embed_parts(
     towers: Towers,
     source: ImageSource,
@@ -250,8 +313,7 @@ def _embed_parts(
     num_workers: int,
     normalize: bool,
 ) -> None:
-    """Run the model over the sampler's batches (one DataLoader for all parts) and feed the writer;
-    `writer.finish(part, skipped)` follows the last batch of each part."""
+    """Run the model over the sampler's batches (one DataLoader for all parts) and feed the writer."""
     loader = DataLoader(
         ImageDataset(source, towers.preprocess.transform() if towers.image is not None else None),
         batch_sampler=sampler,
@@ -259,25 +321,65 @@ def _embed_parts(
         collate_fn=functools.partial(collate, tokenizer=towers.tokenizer),
         pin_memory=device.type == "cuda",
     )
-    towers.module.eval().to(device)
+    step = _Step(towers, device, amp, normalize)
+    results = ((at, step(batch)) for at, batch in zip(sampler.steps(), loader, strict=True))
+    _write_batches(results, writer, skips, len(sampler))
+
+
+def _write_batches(results, writer: PartWriter | JsonLinesWriter, skips: SkipLog, total: int) -> None:
+    """Feed the writer the `((part, is_last_batch_of_part), step result)` of each batch, in order;
+    `writer.finish(part, skipped)` follows the last batch of each part."""
     part_skipped: list[dict] = []
-    with progress("embed", total=len(sampler)) as advance:
-        for (part, last), batch in zip(sampler.steps(), loader, strict=True):
-            skips.add(batch["skipped"])  # raises with --strict
-            part_skipped += [{"where": s.where, "reason": s.reason} for s in batch["skipped"]]
-            if batch["index"] is not None:
-                out = {}
-                with autocast(device, amp):
-                    if towers.image is not None:
-                        out["image"] = towers.image(batch["image"].to(device, non_blocking=True))
-                    if towers.text is not None:
-                        out["text"] = towers.text({k: v.to(device) for k, v in batch["tokens"].items()})
-                arrays = {m: _to_numpy(e, normalize) for m, e in out.items()}
-                writer.add(part, batch["index"].tolist(), arrays)
+    with progress("embed", total=total) as advance:
+        for (part, last), out in results:
+            skips.add(out["skipped"])  # raises with --strict
+            part_skipped += [{"where": s.where, "reason": s.reason} for s in out["skipped"]]
+            if out["index"]:
+                writer.add(part, out["index"], out["arrays"])
             if last:
                 writer.finish(part, part_skipped)
                 part_skipped = []
             advance()
+
+
+class _Step:
+    """The model half of a batch: {"index": rows that decoded, "skipped", "arrays": modality -> numpy}."""
+
+    def __init__(self, towers: Towers, device: torch.device, amp: torch.dtype | None, normalize: bool):
+        self.towers, self.device, self.amp, self.normalize = towers, device, amp, normalize
+        towers.module.eval().to(device)
+
+    @classmethod
+    def load(cls, load, precision: str, normalize: bool) -> _Step:
+        """On a Ray actor: the towers on the actor's device, at the driver's resolved precision."""
+        device = torch.device(default_device())
+        return cls(load(), device, resolve_precision(precision, device), normalize)
+
+    @torch.inference_mode()
+    def __call__(self, batch: dict) -> dict:
+        towers, device = self.towers, self.device
+        out = {"index": [], "skipped": batch["skipped"], "arrays": {}}
+        if batch["index"] is None:
+            return out
+        with autocast(device, self.amp):
+            if towers.image is not None:
+                out["arrays"]["image"] = towers.image(batch["image"].to(device, non_blocking=True))
+            if towers.text is not None:
+                out["arrays"]["text"] = towers.text({k: v.to(device) for k, v in batch["tokens"].items()})
+        out["arrays"] = {m: _to_numpy(e, self.normalize) for m, e in out["arrays"].items()}
+        out["index"] = batch["index"].tolist()
+        return out
+
+
+class _Decode:
+    """A Ray task's share of the DataLoader's work: decode, preprocess and collate one batch of rows."""
+
+    def __init__(self, source: ImageSource, towers: Towers):
+        transform = towers.preprocess.transform() if towers.image is not None else None
+        self.dataset, self.tokenizer = ImageDataset(source, transform), towers.tokenizer
+
+    def __call__(self, unit: tuple) -> dict:
+        return collate([self.dataset[i] for i in unit[1]], tokenizer=self.tokenizer)
 
 
 def _to_numpy(e: torch.Tensor, normalize: bool) -> np.ndarray:
