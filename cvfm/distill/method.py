@@ -11,9 +11,10 @@ from cvfm.distill.cache import TeacherCache
 from cvfm.distill.config import DistillConfig
 from cvfm.distill.losses import dino_distill, embedding_mse, feature_distance, logit_kd, resize_tokens
 from cvfm.distill.standardise import Standardise
-from cvfm.distill.teacher import SamTeacher, Teacher, token_grid
+from cvfm.distill.teacher import SamTeacher, Teacher
 from cvfm.methods.base import Budget, Method, ema_update, feature_std, frozen_copy
 from cvfm.methods.dino import DINOHead
+from cvfm.models.encoder import token_grid
 from cvfm.runtime.schedules import cosine
 
 STUDENT_TEMP, CENTER_MOMENTUM, EMA_MOMENTUM = 0.1, 0.9, 0.996  # DINO's

@@ -10,14 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from cvfm.data.preprocess import Preprocess
+from cvfm.data.preprocess import Preprocess, adapt
 from cvfm.errors import CvfmError, UsageError
 from cvfm.methods.dino import DINOHead
-from cvfm.models.encoder import Encoder
+from cvfm.models.encoder import Encoder, token_grid
 from cvfm.registry import create_classifier, create_encoder, create_segmenter
 from cvfm.runtime.checkpoint import latest_checkpoint
 
@@ -112,15 +111,6 @@ class SamTeacher(nn.Module):
         return TeacherOutput(None, None, None, None, None, features.float())
 
 
-def adapt(x: torch.Tensor, student: Preprocess, teacher: Preprocess) -> torch.Tensor:
-    """Views normalised for the student -> the teacher's (square) size and normalisation."""
-    as_4d = lambda v: torch.tensor(v, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)  # noqa: E731
-    pixels = x * as_4d(student.std) + as_4d(student.mean)
-    if teacher.size != x.shape[-1] or teacher.size != x.shape[-2]:
-        pixels = F.interpolate(pixels, size=(teacher.size, teacher.size), mode="bilinear", antialias=True)
-    return (pixels - as_4d(teacher.mean)) / as_4d(teacher.std)
-
-
 def bf16(device: torch.device):
     """bf16 autocast on a GPU that has it; full precision elsewhere."""
     on = device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -146,21 +136,6 @@ def layer_tokens(out: torch.Tensor, model: nn.Module | None) -> torch.Tensor:
     if out.ndim == 3:
         return out[:, getattr(model, "num_prefix_tokens", 0) :]
     raise UsageError(f"--teacher-layer gives a {out.ndim}-d output; pick a layer of tokens or feature maps")
-
-
-def token_grid(encoder: Encoder, size: tuple[int, int], n: int) -> tuple[int, int]:
-    """The (rows, columns) of `n` tokens of an input of `size`: the encoder's grid when it matches, else
-    the square-ish grid of the input's aspect ratio (an intermediate layer of another stride)."""
-    try:
-        grid = encoder.token_grid(*size)
-        if grid[0] * grid[1] == n:
-            return grid
-    except CvfmError:
-        pass
-    h = max(1, round((n * size[0] / size[1]) ** 0.5))
-    if n % h:
-        raise CvfmError(f"cannot arrange {n} tokens of a {size[0]}x{size[1]} input on a grid")
-    return h, n // h
 
 
 def load_teacher(
