@@ -56,6 +56,11 @@ class Teacher(nn.Module):
         self._hooked = output[0] if isinstance(output, (tuple, list)) else output
 
     @property
+    def views(self) -> Preprocess:
+        """The preprocessing the views are made with: the student's."""
+        return self.student
+
+    @property
     def width(self) -> int:
         return self.encoder.num_features
 
@@ -84,16 +89,22 @@ class Teacher(nn.Module):
 
 
 class SamTeacher(nn.Module):
-    """A SAM (or SAM-HQ) image encoder as the teacher of `--loss sam-embedding`: the student's views
-    re-sized to its square input (which needs no padding) give its image embedding."""
+    """A SAM (or SAM-HQ) image encoder as the teacher of `--loss sam-embedding`. The views are SAM's own
+    input (`views`: its preprocessing, resize and padding), and the student sees them re-sized to its
+    input, as it will as a segmenter's image encoder (`cvfm.models.backbone_sam`; MobileSAM's student
+    sees the teacher's image too)."""
 
-    def __init__(self, segmenter: nn.Module, student: Preprocess):
+    def __init__(self, segmenter: nn.Module):
         super().__init__()
         if segmenter.family == "sam2":
             raise UsageError(
                 f"--loss sam-embedding distils a SAM or SAM-HQ image encoder; {segmenter.name} is SAM 2"
             )
-        self.segmenter, self.student = segmenter, student
+        self.segmenter = segmenter
+
+    @property
+    def views(self) -> Preprocess:
+        return self.segmenter.preprocess
 
     @property
     def width(self) -> int:
@@ -105,7 +116,6 @@ class SamTeacher(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> TeacherOutput:
-        x = adapt(x, self.student, self.segmenter.preprocess)
         with bf16(x.device):
             features = self.segmenter.embed_image(x, [tuple(x.shape[-2:])] * x.shape[0]).features
         return TeacherOutput(None, None, None, None, None, features.float())
@@ -146,7 +156,7 @@ def load_teacher(
     folder's backbone too)."""
     if "sam-embedding" in losses:
         try:
-            return SamTeacher(create_segmenter(teacher), student)
+            return SamTeacher(create_segmenter(teacher))
         except CvfmError as e:
             raise UsageError(f"--loss sam-embedding needs a SAM teacher (e.g. cvfm/tiny-sam): {e}") from None
     head = dino_head = classes = None
