@@ -74,10 +74,13 @@ def distill(
     embedding).
 
     The teacher runs frozen in eval mode (bf16 on a GPU that has it) on the student's views, re-sized and
-    re-normalised to its own preprocessing; it is never in the checkpoints or the export. Writes run.json,
-    metrics.jsonl, curves.png, checkpoints/ and backbone/: the student, which --model <run folder> loads
-    (cvfm evaluate, embed, finetune, unlearn). Prints the run folder. Ctrl-C or SIGTERM writes a checkpoint
-    first; --resume continues exactly.
+    re-normalised to its own preprocessing (sam-embedding: the views are the SAM's input, re-sized for the
+    student); it is never in the checkpoints or the export. Writes run.json, metrics.jsonl, curves.png,
+    checkpoints/ and backbone/: the student, which --model <run folder> loads (cvfm evaluate, embed,
+    finetune, unlearn). With sam-embedding and a SAM teacher also segmenter/: the student and its projection
+    in place of the SAM's image encoder, with the SAM's prompt encoder and mask decoder, so that cvfm
+    segment prompt|auto|train and cvfm evaluate segmentation take the run folder. Prints the run folder.
+    Ctrl-C or SIGTERM writes a checkpoint first; --resume continues exactly.
 
     Examples:
 

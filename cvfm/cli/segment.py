@@ -275,8 +275,17 @@ def train(
     pseudo_min_stability: float = typer.Option(
         0.0, "--pseudo-min-stability", help="Keep auto masks of at least this stability score."
     ),
+    encoder: str = typer.Option(
+        None,
+        "--encoder",
+        help="A cvfm image backbone (registry id or run folder, e.g. a pretrain --method mae run) in place "
+        "of the SAM's image encoder, through a fresh neck to its embedding; the prompt encoder and mask "
+        "decoder stay the SAM's (MobileSAM's design). The neck always trains.",
+    ),
     train_encoder: bool = typer.Option(
-        False, "--train-encoder", help="Also train the image encoder (default: frozen, decoder only)."
+        False,
+        "--train-encoder",
+        help="Also train the image encoder (with --encoder: the backbone) (default: frozen, decoder only).",
     ),
     epochs: int = typer.Option(10, "--epochs", min=1),
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Images per process."),
@@ -304,6 +313,10 @@ def train(
     previous logits fed back; focal + dice loss (20:1) and the IoU head's squared error. The image encoder
     stays frozen unless --train-encoder.
 
+    With --encoder, any cvfm backbone with patch tokens or a feature map replaces the SAM's ViT: a linear neck
+    maps its tokens to the SAM's embedding (channels and grid) and trains with the prompt encoder and mask
+    decoder.
+
     SAM's data engine: train on labelled images, label more with cvfm segment auto <run>, then train again
     with --pseudo (the auto output) and --pseudo-images (the data auto read).
 
@@ -317,6 +330,8 @@ def train(
       cvfm segment train --model cvfm/tiny-sam --data builtin:animal-scenes --split train -o runs/sam
 
       cvfm segment train --model hf/facebook/sam-vit-base --data coco/annotations.json -o runs/sam-b
+
+      cvfm segment train --model cvfm/tiny-sam --encoder runs/mae --data builtin:animal-scenes -o runs/sam-mae
 
       cvfm segment auto runs/sam --data unlabelled/ -o auto/
 
@@ -342,6 +357,7 @@ def train(
         pseudo_split=pseudo_split,
         pseudo_min_iou=pseudo_min_iou,
         pseudo_min_stability=pseudo_min_stability,
+        encoder=encoder,
         train_encoder=train_encoder,
         epochs=epochs,
         batch_size=batch_size,

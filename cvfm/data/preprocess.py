@@ -134,6 +134,20 @@ class Preprocess:
         return T.Compose(ops + [CenterCropFloor(self.size), normalize])
 
 
+def adapt(x: torch.Tensor, source: Preprocess, target: Preprocess) -> torch.Tensor:
+    """Images (B, 3, H, W) normalised for `source` -> `target`'s (square) size and normalisation (a teacher's
+    or a backbone's input made from another model's); `x` itself when the two are the same."""
+    if source == target:
+        return x
+    as_4d = lambda v: torch.tensor(v, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)  # noqa: E731
+    pixels = x * as_4d(source.std) + as_4d(source.mean)
+    if target.size != x.shape[-1] or target.size != x.shape[-2]:
+        pixels = torch.nn.functional.interpolate(
+            pixels, size=(target.size, target.size), mode="bilinear", antialias=True
+        )
+    return (pixels - as_4d(target.mean)) / as_4d(target.std)
+
+
 class ResizeLongest:
     """SAM's resize: the long side to `side`, the short side rounded half up."""
 

@@ -6,22 +6,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from cvfm.models.encoder import resize_tokens
+
 
 def feature_distance(student: torch.Tensor, teacher: torch.Tensor, distance: str) -> torch.Tensor:
     """Mean over rows (..., D) of 1 - cos(student, teacher), or the mean squared error."""
     if distance == "cosine":
         return (1 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)).mean()
     return F.mse_loss(student.float(), teacher.float())
-
-
-def resize_tokens(tokens: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
-    """(B, h*w, D) tokens on a `grid` (h, w), bilinearly resized to `size` (H, W): (B, H*W, D)."""
-    if tuple(grid) == tuple(size):
-        return tokens
-    b, _, d = tokens.shape
-    maps = tokens.transpose(1, 2).reshape(b, d, *grid)
-    maps = F.interpolate(maps.float(), size=size, mode="bilinear", align_corners=False)
-    return maps.flatten(2).transpose(1, 2)
 
 
 def logit_kd(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:

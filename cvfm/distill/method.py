@@ -3,17 +3,24 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
+from cvfm.data.preprocess import adapt
 from cvfm.data.views import MultiView, crop_flip
 from cvfm.distill.cache import TeacherCache
 from cvfm.distill.config import DistillConfig
 from cvfm.distill.losses import dino_distill, embedding_mse, feature_distance, logit_kd, resize_tokens
 from cvfm.distill.standardise import Standardise
-from cvfm.distill.teacher import SamTeacher, Teacher, token_grid
+from cvfm.distill.teacher import SamTeacher, Teacher
 from cvfm.methods.base import Budget, Method, ema_update, feature_std, frozen_copy
 from cvfm.methods.dino import DINOHead
+from cvfm.models.backbone_sam import WHY_NOT, BackboneSegmenter, check_feature_map
+from cvfm.models.encoder import token_grid
+from cvfm.runtime.files import save_atomically
+from cvfm.runtime.progress import log
 from cvfm.runtime.schedules import cosine
 
 STUDENT_TEMP, CENTER_MOMENTUM, EMA_MOMENTUM = 0.1, 0.9, 0.996  # DINO's
@@ -48,6 +55,7 @@ class Distill(Method):
         self.cache = cache
         width = teacher.width
         if "sam-embedding" in cfg.losses:  # MobileSAM's neck role: the student's tokens to SAM's channels
+            check_feature_map(encoder)
             self.token_proj = projector(encoder.num_features, width)
         if "feature" in cfg.losses:
             self.pooled_proj = projector(encoder.num_features, width)
@@ -74,13 +82,14 @@ class Distill(Method):
         return self.student if "dino" in self.cfg.losses else self.encoder
 
     def views(self) -> MultiView:
-        pre = self.encoder.preprocess
+        pre = self.frozen_teacher.views  # the student's preprocessing; a SAM teacher's own
         return crop_flip(pre) if self.cfg.augment else MultiView([pre.transform()])
 
     def forward(self, batch, step):
         x = batch["image"][0]
         teacher: Teacher = self.frozen_teacher
         t = self.cache(teacher, x) if self.cache is not None else teacher(x)
+        x = adapt(x, teacher.views, self.online.preprocess)  # SAM's views to the student's input
         out = self.online.encode(x)
         losses: dict[str, torch.Tensor] = {}
         if "feature" in self.cfg.losses:
@@ -107,6 +116,17 @@ class Distill(Method):
         if "feature" in self.cfg.losses:
             logs["teacher_cosine"] = _pooled_cosine(self.pooled_proj, out.pooled, pooled)
         return sum(losses.values()), logs
+
+    def after_training(self, folder: Path, source) -> None:
+        """With a SAM teacher: segmenter/, the student and its projection (the neck) in place of the teacher's
+        image encoder, beside the teacher's prompt encoder and mask decoder (`BackboneSegmenter`)."""
+        if "sam-embedding" not in self.cfg.losses:
+            return
+        sam = self.frozen_teacher.segmenter
+        if sam.family != "sam":
+            log(f"the run has no segmenter/: {WHY_NOT[sam.family]}; backbone/ is the student")
+            return
+        save_atomically(BackboneSegmenter.attach(sam, self.encoder, self.token_proj), folder / "segmenter")
 
     @torch.no_grad()
     def _update_center(self, teacher_out: torch.Tensor) -> None:

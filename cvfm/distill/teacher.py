@@ -10,14 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from cvfm.data.preprocess import Preprocess
+from cvfm.data.preprocess import Preprocess, adapt
 from cvfm.errors import CvfmError, UsageError
 from cvfm.methods.dino import DINOHead
-from cvfm.models.encoder import Encoder
+from cvfm.models.encoder import Encoder, token_grid
 from cvfm.registry import create_classifier, create_encoder, create_segmenter
 from cvfm.runtime.checkpoint import latest_checkpoint
 
@@ -57,6 +56,11 @@ class Teacher(nn.Module):
         self._hooked = output[0] if isinstance(output, (tuple, list)) else output
 
     @property
+    def views(self) -> Preprocess:
+        """The preprocessing the views are made with: the student's."""
+        return self.student
+
+    @property
     def width(self) -> int:
         return self.encoder.num_features
 
@@ -85,16 +89,22 @@ class Teacher(nn.Module):
 
 
 class SamTeacher(nn.Module):
-    """A SAM (or SAM-HQ) image encoder as the teacher of `--loss sam-embedding`: the student's views
-    re-sized to its square input (which needs no padding) give its image embedding."""
+    """A SAM (or SAM-HQ) image encoder as the teacher of `--loss sam-embedding`. The views are SAM's own
+    input (`views`: its preprocessing, resize and padding), and the student sees them re-sized to its
+    input, as it will as a segmenter's image encoder (`cvfm.models.backbone_sam`; MobileSAM's student
+    sees the teacher's image too)."""
 
-    def __init__(self, segmenter: nn.Module, student: Preprocess):
+    def __init__(self, segmenter: nn.Module):
         super().__init__()
         if segmenter.family == "sam2":
             raise UsageError(
                 f"--loss sam-embedding distils a SAM or SAM-HQ image encoder; {segmenter.name} is SAM 2"
             )
-        self.segmenter, self.student = segmenter, student
+        self.segmenter = segmenter
+
+    @property
+    def views(self) -> Preprocess:
+        return self.segmenter.preprocess
 
     @property
     def width(self) -> int:
@@ -106,19 +116,9 @@ class SamTeacher(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> TeacherOutput:
-        x = adapt(x, self.student, self.segmenter.preprocess)
         with bf16(x.device):
             features = self.segmenter.embed_image(x, [tuple(x.shape[-2:])] * x.shape[0]).features
         return TeacherOutput(None, None, None, None, None, features.float())
-
-
-def adapt(x: torch.Tensor, student: Preprocess, teacher: Preprocess) -> torch.Tensor:
-    """Views normalised for the student -> the teacher's (square) size and normalisation."""
-    as_4d = lambda v: torch.tensor(v, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)  # noqa: E731
-    pixels = x * as_4d(student.std) + as_4d(student.mean)
-    if teacher.size != x.shape[-1] or teacher.size != x.shape[-2]:
-        pixels = F.interpolate(pixels, size=(teacher.size, teacher.size), mode="bilinear", antialias=True)
-    return (pixels - as_4d(teacher.mean)) / as_4d(teacher.std)
 
 
 def bf16(device: torch.device):
@@ -148,21 +148,6 @@ def layer_tokens(out: torch.Tensor, model: nn.Module | None) -> torch.Tensor:
     raise UsageError(f"--teacher-layer gives a {out.ndim}-d output; pick a layer of tokens or feature maps")
 
 
-def token_grid(encoder: Encoder, size: tuple[int, int], n: int) -> tuple[int, int]:
-    """The (rows, columns) of `n` tokens of an input of `size`: the encoder's grid when it matches, else
-    the square-ish grid of the input's aspect ratio (an intermediate layer of another stride)."""
-    try:
-        grid = encoder.token_grid(*size)
-        if grid[0] * grid[1] == n:
-            return grid
-    except CvfmError:
-        pass
-    h = max(1, round((n * size[0] / size[1]) ** 0.5))
-    if n % h:
-        raise CvfmError(f"cannot arrange {n} tokens of a {size[0]}x{size[1]} input on a grid")
-    return h, n // h
-
-
 def load_teacher(
     teacher: str, losses: tuple[str, ...], student: Preprocess, layer: str | None
 ) -> Teacher | SamTeacher:
@@ -171,7 +156,7 @@ def load_teacher(
     folder's backbone too)."""
     if "sam-embedding" in losses:
         try:
-            return SamTeacher(create_segmenter(teacher), student)
+            return SamTeacher(create_segmenter(teacher))
         except CvfmError as e:
             raise UsageError(f"--loss sam-embedding needs a SAM teacher (e.g. cvfm/tiny-sam): {e}") from None
     head = dino_head = classes = None

@@ -273,6 +273,31 @@ class HFEncoder(Encoder):
         return folder
 
 
+def token_grid(encoder: Encoder, size: tuple[int, int], n: int) -> tuple[int, int]:
+    """The (rows, columns) of `n` tokens of an input of `size`: the encoder's grid when it matches, else
+    the square-ish grid of the input's aspect ratio (an intermediate layer of another stride)."""
+    try:
+        grid = encoder.token_grid(*size)
+        if grid[0] * grid[1] == n:
+            return grid
+    except CvfmError:
+        pass
+    h = max(1, round((n * size[0] / size[1]) ** 0.5))
+    if n % h:
+        raise CvfmError(f"cannot arrange {n} tokens of a {size[0]}x{size[1]} input on a grid")
+    return h, n // h
+
+
+def resize_tokens(tokens: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """(B, h*w, D) tokens on a `grid` (h, w), bilinearly resized to `size` (H, W): (B, H*W, D)."""
+    if tuple(grid) == tuple(size):
+        return tokens
+    b, _, d = tokens.shape
+    maps = tokens.transpose(1, 2).reshape(b, d, *grid)
+    maps = torch.nn.functional.interpolate(maps.float(), size=size, mode="bilinear", align_corners=False)
+    return maps.flatten(2).transpose(1, 2)
+
+
 def check_loading_info(info: dict, name: str) -> None:
     """Turn transformers' loading warnings into an error: weights must match the architecture."""
     missing = [k for k in info.get("missing_keys", []) if not k.startswith("pooler.")]

@@ -216,6 +216,10 @@ class Segmenter(nn.Module):
         x = self.input_logits(low_res_logits)[..., :new_h, :new_w]
         return F.interpolate(x, original, mode="bilinear", align_corners=False)
 
+    def freeze_image_encoder(self) -> None:
+        """What `cvfm segment train` keeps fixed unless --train-encoder: the image encoder."""
+        self.model.vision_encoder.eval().requires_grad_(False)
+
     def save(self, folder: str | Path) -> Path:
         """transformers' layout (safetensors), loadable by `create_segmenter(folder)`."""
         folder = Path(folder)

@@ -19,8 +19,10 @@ Image-text models (`create_dual_encoder`) are `cvfm/tiny-clip`, `hf/<clip-like r
 and folders that hold one, among them a `PairedEncoder` (any image encoder + a dual's text half, as
 `pretrain --method clip --text-model` writes it); `create_encoder` on them returns their image tower.
 
-Promptable segmenters (`create_segmenter`: SAM, SAM-HQ) are `cvfm/tiny-sam`, `hf/<sam repo>` and the
-transformers folders that hold one.
+Promptable segmenters (`create_segmenter`: SAM, SAM-HQ, SAM 2) are `cvfm/tiny-sam`, `hf/<sam repo>`, the
+transformers folders that hold one, and SAMs whose image encoder is a cvfm backbone (segmenter.json:
+`cvfm.models.backbone_sam`, as `cvfm segment train --encoder` writes them in backbone/ and `cvfm distill
+--loss sam-embedding` in segmenter/); `create_encoder` on those returns the backbone.
 
 Open-vocabulary detectors (`create_detector`: OWL-ViT, OWLv2, Grounding DINO, each with its processor) are
 `cvfm/tiny-owlv2`, `hf/<repo>` and the `save_pretrained` folders that hold one.

@@ -8,10 +8,11 @@ table: a new source is a new row; a new model kind is a key in the rows that giv
 
 from __future__ import annotations
 
+from cvfm.models.backbone_sam import ENCODER_DIR, is_backbone_segmenter_folder
 from cvfm.models.classifier import is_classifier_folder
 from cvfm.models.paired import is_paired_folder
 from cvfm.registry import hf_models, open_clip_models, presets, timm_models
-from cvfm.registry.folders import load_classifier_folder, load_paired
+from cvfm.registry.folders import load_backbone_segmenter, load_classifier_folder, load_paired
 from cvfm.registry.source import (
     CAPTIONER,
     CLASSIFIER,
@@ -71,6 +72,18 @@ SOURCES: tuple[Source, ...] = (
         "a run folder with classifier/ (written by cvfm finetune or cvfm unlearn)",
         {CLASSIFIER: inside("classifier"), IMAGE: inside("classifier")},
         holds=lambda folder: is_classifier_folder(folder / "classifier"),
+    ),
+    Source(
+        "folder",
+        "a SAM with a cvfm backbone (segmenter.json)",
+        {SEGMENTER: load_backbone_segmenter, IMAGE: inside(ENCODER_DIR)},
+        holds=is_backbone_segmenter_folder,
+    ),
+    Source(
+        "folder",
+        "a run folder with segmenter/ (written by cvfm distill --loss sam-embedding)",
+        {SEGMENTER: inside("segmenter"), IMAGE: inside("backbone")},
+        holds=lambda folder: is_backbone_segmenter_folder(folder / "segmenter"),
     ),
     Source(
         "folder",

@@ -72,7 +72,9 @@ class SamTraining(Method):
         self.weights = LossWeights(cfg.focal_weight, cfg.dice_weight, cfg.iou_weight)
         segmenter.train()
         if not cfg.train_encoder:
-            segmenter.model.vision_encoder.eval().requires_grad_(False)
+            segmenter.freeze_image_encoder()
+        # the image encoder (a backbone segmenter's neck at least) runs with gradients when any of it trains
+        self.encoder_grad = any(p.requires_grad for p in segmenter.model.vision_encoder.parameters())
         self.resolved = {"iterations": 1 + cfg.clicks + cfg.refine}
 
     def views(self) -> MultiView:
@@ -81,7 +83,7 @@ class SamTraining(Method):
     def forward(self, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         segmenter: Segmenter = self.encoder
         sizes = [tuple(s) for s in batch["size"].tolist()]
-        with torch.set_grad_enabled(self.cfg.train_encoder and torch.is_grad_enabled()):
+        with torch.set_grad_enabled(self.encoder_grad and torch.is_grad_enabled()):
             embedding = segmenter.embed_image(batch["image"][0], sizes)
         masks, owner = self._instances(batch, embedding)
         if not len(masks):  # every drawn mask vanished at the model's input size

@@ -2,7 +2,8 @@
 with instance masks (`cvfm.data.masks_source.open_masks`) by the interactive recipe of the SAM paper
 (`cvfm.segment.method.SamTraining`), optionally joined by the masks `cvfm segment auto` made for unlabelled
 images (`cvfm.segment.pseudo`), in the shared training loop (Accelerate, checkpoints, exact resume,
-metrics.jsonl, curves.png). The run's backbone/ is the trained segmenter: `create_segmenter(run)`,
+metrics.jsonl, curves.png). With `encoder` a cvfm backbone replaces the SAM's image encoder
+(`cvfm.models.backbone_sam`). The run's backbone/ is the trained segmenter: `create_segmenter(run)`,
 `cvfm segment prompt|auto <run>` and `cvfm evaluate segmentation <run>` load it.
 """
 
@@ -19,7 +20,8 @@ from cvfm.data.masks_source import open_masks
 from cvfm.data.sources import concat, subset
 from cvfm.errors import UsageError
 from cvfm.methods.base import configure
-from cvfm.registry import create_segmenter
+from cvfm.models.backbone_sam import BackboneSegmenter
+from cvfm.registry import create_encoder, create_segmenter
 from cvfm.runtime.loop import Trainer
 from cvfm.runtime.plan import TrainSettings
 from cvfm.runtime.progress import log
@@ -43,6 +45,7 @@ class SegmentTrainConfig(TrainSettings):
     pseudo_split: str | None = None
     pseudo_min_iou: float = 0.0
     pseudo_min_stability: float = 0.0
+    encoder: str | None = None  # a cvfm backbone in place of the SAM's image encoder (a fresh neck)
     train_encoder: bool = False
     options: dict = field(default_factory=dict)  # SamTrainConfig's fields (--opt key=value)
     overwrite: bool = False
@@ -63,6 +66,9 @@ def segment_train(cfg: SegmentTrainConfig, on_step: Callable[[int], None] | None
     source, data_record = training_data(cfg)
     torch.manual_seed(cfg.seed)
     segmenter = create_segmenter(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    if cfg.encoder:
+        encoder = create_encoder(cfg.encoder, trust_remote_code=cfg.trust_remote_code)
+        segmenter = BackboneSegmenter.attach(segmenter, encoder)
     trainer = Trainer(cfg, run)
     budget = trainer.plan(len(source))
     method = SamTraining(segmenter, recipe, budget)
