@@ -285,3 +285,15 @@ def test_segment_train_on_an_mae_backbone_trains_it_with_train_encoder(scenes, t
     start, trained = create_encoder(str(mae)), create_encoder(str(run))
     weights = [k for k, v in start.state_dict().items() if k.endswith(".weight")]
     assert weights and all(not torch.equal(start.state_dict()[k], trained.state_dict()[k]) for k in weights)
+
+
+def test_the_final_line_of_a_run_with_a_segmenter_names_it(distilled, capsys):
+    from cvfm.cli.output import emit_run
+
+    emit_run(distilled)
+    line = json.loads(capsys.readouterr().out)
+    assert line == {
+        "run": str(distilled),
+        "backbone": str(distilled / "backbone"),
+        "segmenter": str(distilled / "segmenter"),
+    }

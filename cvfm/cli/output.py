@@ -23,4 +23,7 @@ def emit_run(path, exported: str = "backbone") -> None:
     from accelerate import PartialState
 
     if PartialState().is_main_process:
-        emit({"run": str(path), exported: str(path / exported)})
+        line = {"run": str(path), exported: str(path / exported)}
+        if (path / "segmenter").is_dir():  # distill --loss sam-embedding: the student inside a SAM
+            line["segmenter"] = str(path / "segmenter")
+        emit(line)
