@@ -17,6 +17,7 @@ import cvfm
 from cvfm.curate import EmbeddingPool, decontaminate, dedup, retrieve
 from cvfm.data.sources import open_source
 from cvfm.embed.folder import EmbedFolder
+from cvfm.errors import UsageError
 
 
 def write_pool(path: Path, x: np.ndarray, *, ids=None, images=None, labels=None, parts: int = 2) -> Path:
@@ -179,6 +180,12 @@ def test_exact_duplicates_are_byte_identical_files(tmp_path, monkeypatch):
         "dropped": 2,
     }
     assert EmbeddingPool(pool).ids == list(d["id"])
+    monkeypatch.chdir(tmp_path / "out")  # elsewhere, no relative path resolves: refused, not all dropped
+    with pytest.raises(
+        UsageError, match="none of the 7 images .* run where cvfm embed ran, or pass --no-exact"
+    ):
+        dedup("../emb", "../out2", eps=[0.01])
+    assert not (tmp_path / "out2").exists()
 
 
 def test_decisions_cover_every_row_and_kept_jsonl_loads(tmp_path, monkeypatch):

@@ -55,6 +55,13 @@ def dedup(
         "niter": niter,
     }
     hashes, problems = content_hashes(pool) if exact else ([None] * n, {})
+    if problems and len(problems) == n:
+        row, why = next(iter(problems.items()))
+        raise UsageError(
+            f"none of the {n} images of '{pool.path}' can be read to hash them ({pool.ids[row]}: {why}): "
+            "relative paths are resolved against the working directory, so run where cvfm embed ran, "
+            "or pass --no-exact to deduplicate by embeddings alone"
+        )
     if problems:
         row, why = next(iter(problems.items()))
         log(f"dedup: {len(problems)} unreadable images (dropped as unreadable); {pool.ids[row]}: {why}")
