@@ -7,7 +7,9 @@ dropped silently. Embeddings are read memory-mapped (`EmbeddingPool`), k-means a
 search run on faiss in blocks.
 """
 
+from cvfm.curate.balance import balanced_sample
+from cvfm.curate.hierarchy import Hierarchy, hierarchical_kmeans
 from cvfm.curate.kmeans import nearest, train_kmeans
 from cvfm.curate.pool import EmbeddingPool
 
-__all__ = ["EmbeddingPool", "nearest", "train_kmeans"]
+__all__ = ["EmbeddingPool", "Hierarchy", "balanced_sample", "hierarchical_kmeans", "nearest", "train_kmeans"]
