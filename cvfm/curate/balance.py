@@ -59,9 +59,7 @@ def balanced_sample(
     cluster's centroid; a `Hierarchy` brings its own). Differences from the reference: never samples
     an item twice (no `multiplier`), and draws from a seeded generator.
     """
-    from cvfm.curate.hierarchy import Hierarchy
-
-    if isinstance(labels, Hierarchy):
+    if hasattr(labels, "parents"):  # a Hierarchy (not imported: it uses this module)
         labels, distance = labels.labels, labels.distance if distance is None else distance
     labels = np.asarray(labels)
     labels = labels[:, None] if labels.ndim == 1 else labels
