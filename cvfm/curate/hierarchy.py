@@ -54,7 +54,12 @@ class Hierarchy:
 
 
 def default_levels(n: int) -> list[int]:
-    """Two levels: k1 = ceil(n / 20) (at most 1000), k2 = ceil(k1 / 5); the reference's 2-level ratios."""
+    """Two levels for n points: k1 = ceil(n / 20), at most 1000, and k2 = ceil(k1 / 5).
+
+    The reference's 2-level config (100k embeddings -> 5000 -> 1000) has 20 points per level-1 cluster
+    and 5 level-1 clusters per level-2 cluster; its config for a web-scale image pool uses 4 levels,
+    10M -> 500k -> 50k -> 10k. Both ratios are kept here, with level 1 capped at 1000 clusters so
+    that a million embeddings cluster in minutes on a CPU: pass `levels` for finer concepts."""
     k1 = max(1, min(math.ceil(n / POINTS_PER_CLUSTER), MAX_K1))
     return [k1, max(1, math.ceil(k1 / CLUSTERS_PER_PARENT))]
 
@@ -84,7 +89,14 @@ def hierarchical_kmeans(
     of every cluster (the closest to its centroid, or at random), rerun k-means from scratch on those,
     and reassign every item to the new centroids. Sample sizes default to half the mean cluster size;
     a size of 1 (or too few items for k clusters) skips resampling, as in the reference.
-    `on_level(j, centroids)` is called after each level is done (and saved)."""
+    Seeded: the same settings give the same clusters. With `state_dir`, finished levels are saved
+    and reloaded (the settings and a fingerprint of the data must match, or `overwrite` discards
+    them). `on_level(j, centroids)` is called after each level is done (and saved).
+
+    Differences from the reference: cosine (unit rows, spherical centroids) instead of L2 on raw
+    embeddings; `resample_steps` counts the reruns after the first k-means (as its in-memory
+    `n_resamples`; its configs' `n_resampling_steps` count the first run too); 20 Lloyd iterations
+    on at most 256 points per centroid (faiss's subsample) instead of 50 over all points."""
     n = len(x)
     levels = default_levels(n) if levels is None else [int(k) for k in levels]
     if not levels:
