@@ -7,9 +7,11 @@ dropped silently. Embeddings are read memory-mapped (`EmbeddingPool`), k-means a
 search run on faiss in blocks.
 """
 
+from cvfm.curate.balance import balanced_sample
 from cvfm.curate.decisions import Decisions, check_output, write_decisions
 from cvfm.curate.decontaminate import decontaminate
 from cvfm.curate.dedup import dedup
+from cvfm.curate.hierarchy import Hierarchy, hierarchical_kmeans
 from cvfm.curate.inputs import EmbedOptions
 from cvfm.curate.kmeans import nearest, train_kmeans
 from cvfm.curate.pool import EmbeddingPool
@@ -19,9 +21,12 @@ __all__ = [
     "Decisions",
     "EmbedOptions",
     "EmbeddingPool",
+    "Hierarchy",
+    "balanced_sample",
     "check_output",
     "decontaminate",
     "dedup",
+    "hierarchical_kmeans",
     "nearest",
     "retrieve",
     "train_kmeans",
