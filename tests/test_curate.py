@@ -324,6 +324,81 @@ def test_existing_output_and_incomplete_embed_are_refused(cli, tmp_path):
     assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
 
 
+def _imbalanced(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """8 planted classes in 2 groups of 4 (tight classes, groups far apart); class 0 has 200 items, the
+    others 20 each: rows and class of each row."""
+    rng = np.random.default_rng(seed)
+    groups = 4 * unit(rng.normal(size=(2, 32)))
+    centres = groups.repeat(4, axis=0) + unit(rng.normal(size=(8, 32)))
+    classes = np.repeat(np.arange(8), [200] + [20] * 7)
+    return unit(centres[classes] + 0.05 * rng.normal(size=(len(classes), 32))), classes
+
+
+def test_cluster_then_sample_balances_an_imbalanced_pool(cli, tmp_path):
+    x, classes = _imbalanced()
+    pool = write_pool(tmp_path / "emb", x, images=[str(tmp_path / f"{i}.png") for i in range(len(x))])
+    tree = one_json_line(
+        cli("curate", "cluster", pool, "-o", tmp_path / "c", "--levels", "8,2", "--resample", "2")
+    )
+    assert tree["kept"] == len(x) and tree["settings"]["levels"] == [8, 2]
+    d = pd.read_parquet(tmp_path / "c" / "decisions.parquet")
+    assert list(d["id"]) == EmbeddingPool(pool).ids and d["kept"].all()
+    c1, c2 = d["cluster_1"].to_numpy(), d["cluster_2"].to_numpy()
+    assert all(len(set(c1[classes == k])) == 1 for k in range(8))  # each planted class is one cluster
+    assert len(set(c1)) == 8 and all(len(set(c2[c1 == c])) == 1 for c in set(c1))  # level 2 nests level 1
+    centroids = [np.load(tmp_path / "c" / f"centroids_{j}.npy") for j in (1, 2)]
+    assert [len(c) for c in centroids] == [8, 2]
+    assert np.allclose(np.linalg.norm(centroids[0], axis=1), 1, atol=1e-5)
+    by_hand = 1 - (x * centroids[0][c1]).sum(1)
+    assert np.allclose(d["distance_1"], by_hand, atol=1e-5)
+
+    picked = one_json_line(cli("curate", "sample", tmp_path / "c", "--target", "80", "-o", tmp_path / "s"))
+    s = pd.read_parquet(tmp_path / "s" / "decisions.parquet")
+    assert picked["kept"] == 80 and s["kept"].sum() == 80
+    assert set(s["reason"]) == {"kept", "not-sampled"}
+    assert (
+        np.bincount(classes[s["kept"].to_numpy()], minlength=8).tolist() == [10] * 8
+    )  # random: ~47 of class 0
+    kept = [json.loads(line)["id"] for line in (tmp_path / "s" / "kept.jsonl").read_text().splitlines()]
+    assert kept == list(s["id"][s["kept"]])
+    closest = one_json_line(
+        cli("curate", "sample", tmp_path / "c", "-n", "8", "--strategy", "closest", "-o", tmp_path / "s2")
+    )
+    chosen = pd.read_parquet(tmp_path / "s2" / "decisions.parquet")["kept"].to_numpy()
+    assert closest["kept"] == 8 and sorted(c1[chosen]) == sorted(set(c1))  # one per cluster: its closest
+    for c in set(c1):
+        assert d["distance_1"][chosen & (c1 == c)].item() == d["distance_1"][c1 == c].min()
+
+
+def test_cluster_resumes_at_the_unfinished_level_and_sample_checks_its_input(cli, tmp_path):
+    x, _ = _imbalanced(1)
+    pool = write_pool(tmp_path / "emb", x)
+    out = tmp_path / "c"
+    args = ("curate", "cluster", pool, "-o", out, "--levels", "8,2", "--resample", "1")
+    one_json_line(cli(*args))
+    first = pd.read_parquet(out / "decisions.parquet")
+    level_1 = out / "kmeans-state" / "level_1.npz"
+    stamp = level_1.stat().st_mtime_ns
+    for f in out.iterdir():  # as a run killed while clustering level 2 leaves it: level 1's state only
+        if f.is_file():
+            f.unlink()
+    (out / "kmeans-state" / "level_2.npz").unlink()
+    one_json_line(cli(*args))
+    assert level_1.stat().st_mtime_ns == stamp  # level 1 read back, not computed again
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "decisions.parquet"), first)
+    assert_usage_error(cli(*args), "not empty", "--overwrite")  # a finished output is not redone silently
+    assert_usage_error(cli("curate", "cluster", pool, "-o", tmp_path / "c2", "--levels", "8,x"), "--levels")
+    assert_usage_error(
+        cli("curate", "cluster", pool, "-o", tmp_path / "c2", "--levels", "8,9"),
+        "level 2 needs between 1 and 8",
+    )
+    assert_usage_error(cli("curate", "sample", pool, "-n", "5", "-o", tmp_path / "s"), "not a curate cluster")
+    assert_usage_error(
+        cli("curate", "sample", out, "-n", "5", "--strategy", "far", "-o", tmp_path / "s"), "far"
+    )
+    assert not (tmp_path / "s").exists() and not (tmp_path / "c2").exists()
+
+
 def _smooth(h: int, w: int, seed: int) -> np.ndarray:
     """A smooth random picture (resizing and JPEG barely change it)."""
     rng = np.random.default_rng(seed)

@@ -1,6 +1,7 @@
-"""`cvfm curate dedup|decontaminate|retrieve`: data curation over `cvfm embed` output (SemDeDup, DINOv2's
-relative deduplication and retrieval). Each step writes OUT/decisions.parquet, OUT/kept.jsonl,
-OUT/dropped.txt and OUT/curate.json, prints curate.json as one JSON line, and logs to stderr."""
+"""`cvfm curate dedup|decontaminate|cluster|sample|retrieve`: data curation over `cvfm embed` output
+(SemDeDup; DINOv2's relative deduplication, hierarchical clustering, balanced sampling and retrieval).
+Each step writes OUT/decisions.parquet, OUT/kept.jsonl, OUT/dropped.txt and OUT/curate.json, prints
+curate.json as one JSON line, and logs to stderr."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from cvfm.cli import common
 
 app = typer.Typer(
     help="Curate a pool of images from its embeddings: deduplicate, decontaminate against evaluation "
-    "data, retrieve around seed images. Every step keeps a decision (and its reason) for every item.",
+    "data, cluster and sample a balanced subset, retrieve around seed images. Every step keeps a "
+    "decision (and its reason) for every item.",
     no_args_is_help=True,
 )
 
@@ -139,6 +141,100 @@ def decontaminate(
 
     embedding = _embedding(model, split, batch_size, num_workers)
     _emit(run(embed_dir, against, output, threshold=threshold, overwrite=overwrite, embedding=embedding))
+
+
+def _ints(text: str | None, option: str) -> list[int] | None:
+    from cvfm.errors import UsageError
+
+    try:
+        return None if text is None else [int(v) for v in text.split(",")]
+    except ValueError:
+        raise UsageError(f"{option} takes integers such as 1000,100, not '{text}'") from None
+
+
+@app.command("cluster")
+def cluster(
+    embed_dir: str = EmbedDir,
+    output: str = Output,
+    levels: str = typer.Option(
+        None,
+        "--levels",
+        help="Clusters per level, finest first (e.g. 1000,100). Default: n/20 (at most 1000), then a fifth.",
+    ),
+    resample: int = typer.Option(
+        10, "--resample", min=0, help="Resampling steps per level (k-means rerun on each cluster's core)."
+    ),
+    sample_sizes: str = typer.Option(
+        None,
+        "--sample-sizes",
+        help="Items taken per cluster at each resampling step, per level (default: half the mean size).",
+    ),
+    resample_mode: str = typer.Option(
+        "closest", "--resample-mode", help="Which items a resampling step takes: closest or random."
+    ),
+    niter: int = typer.Option(20, "--niter", min=1, help="Lloyd iterations per k-means."),
+    seed: int = typer.Option(0, "--seed", help="Seed of k-means and resampling."),
+    overwrite: bool = Overwrite,
+    model: str = Model,
+    split: str = Split,
+    batch_size: int = BatchSize,
+    num_workers: int = common.Workers,
+) -> None:
+    """Cluster the pool hierarchically: k-means with resampling (Vo et al. 2024, DINOv2's curation), level
+    1 on the items, each next level on the previous level's centroids.
+
+    decisions.parquet gains cluster_1 ... cluster_L (each item's cluster per level, 1 the finest) and
+    distance_1 (cosine distance to its level-1 centroid); centroids_<j>.npy hold the centroids. Every item
+    is kept: `curate sample` picks a balanced subset from the tree. Finished levels are saved in
+    OUT/kmeans-state/: after a stop, the same command resumes at the next level.
+
+    Examples:
+
+      cvfm curate cluster emb/pool -o clusters/ --levels 1000,100
+
+      cvfm curate sample clusters/ --target 50000 -o balanced/
+    """
+    from cvfm.curate.cluster import cluster as run
+
+    summary = run(
+        embed_dir,
+        output,
+        levels=_ints(levels, "--levels"),
+        resample_steps=resample,
+        sample_sizes=_ints(sample_sizes, "--sample-sizes"),
+        resample=resample_mode,
+        niter=niter,
+        seed=seed,
+        overwrite=overwrite,
+        embedding=_embedding(model, split, batch_size, num_workers),
+    )
+    _emit(summary)
+
+
+@app.command("sample")
+def sample(
+    cluster_out: str = typer.Argument(..., help="A curate cluster output folder."),
+    target: int = typer.Option(..., "--target", "-n", min=1, help="How many items to keep."),
+    output: str = Output,
+    strategy: str = typer.Option(
+        "random", "--strategy", help="In a bottom cluster, take items at random or closest to its centroid."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random choices."),
+    overwrite: bool = Overwrite,
+) -> None:
+    """Sample a balanced subset from a cluster tree: the target is shared evenly over the top-level
+    clusters (water-filling: a cluster smaller than its share is kept whole and the rest goes to the
+    others), then within each cluster over its sub-clusters, down to level 1.
+
+    Examples:
+
+      cvfm curate sample clusters/ --target 50000 -o balanced/
+
+      cvfm pretrain --data balanced/kept.jsonl --method dino -o runs/dino
+    """
+    from cvfm.curate.cluster import sample as run
+
+    _emit(run(cluster_out, output, target, strategy=strategy, seed=seed, overwrite=overwrite))
 
 
 @app.command("retrieve")

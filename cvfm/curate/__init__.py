@@ -8,6 +8,7 @@ search run on faiss in blocks.
 """
 
 from cvfm.curate.balance import balanced_sample
+from cvfm.curate.cluster import cluster, sample
 from cvfm.curate.decisions import Decisions, check_output, write_decisions
 from cvfm.curate.decontaminate import decontaminate
 from cvfm.curate.dedup import dedup
@@ -24,11 +25,13 @@ __all__ = [
     "Hierarchy",
     "balanced_sample",
     "check_output",
+    "cluster",
     "decontaminate",
     "dedup",
     "hierarchical_kmeans",
     "nearest",
     "retrieve",
+    "sample",
     "train_kmeans",
     "write_decisions",
 ]

@@ -31,6 +31,7 @@ DECISIONS_FILE = "decisions.parquet"
 KEPT_FILE = "kept.jsonl"
 DROPPED_FILE = "dropped.txt"
 EMBEDDINGS = "embeddings"  # OUT/embeddings*/: the inputs embedded by the step (resumable, kept on overwrite)
+STATE = "kmeans-state"  # OUT/kmeans-state/: curate cluster's finished levels (resumable)
 OUTPUT_GLOBS = (CONFIG_FILE, DECISIONS_FILE, "kept*.jsonl", DROPPED_FILE, "centroids_*.npy")
 IN_MEMORY = ("builtin:", "hf:")  # data specs whose images are not files
 
@@ -59,7 +60,7 @@ def check_output(output: str | Path, overwrite: bool) -> Path:
     if not out.exists():
         return out
     ours = sorted(_outputs(out))
-    others = [p for p in out.iterdir() if p not in ours and not p.name.startswith((EMBEDDINGS, "."))]
+    others = [p for p in out.iterdir() if p not in ours and not p.name.startswith((EMBEDDINGS, STATE, "."))]
     if not overwrite and (ours or others):
         what = ", ".join(sorted(p.name for p in [*ours, *others])[:3])
         raise UsageError(f"output folder '{out}' is not empty ({what}): choose another, or pass --overwrite")
