@@ -44,7 +44,7 @@ app = typer.Typer(
     name="cvfm",
     cls=_Group,
     help="Computer-vision foundation models from the command line: pre-train, fine-tune, embed, caption, "
-    "evaluate.",
+    "curate, evaluate.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
@@ -78,6 +78,7 @@ def _register() -> None:
     from cvfm.cli import (
         capfilt,
         caption,
+        curate,
         distill,
         embed,
         evaluate,
@@ -91,6 +92,7 @@ def _register() -> None:
     for module in (models, pretrain, distill, finetune, embed, caption, capfilt, segment, unlearn):
         module.register(app)
     app.add_typer(evaluate.app, name="evaluate")
+    app.add_typer(curate.app, name="curate")
     _registered = True
 
 

@@ -7,7 +7,23 @@ dropped silently. Embeddings are read memory-mapped (`EmbeddingPool`), k-means a
 search run on faiss in blocks.
 """
 
+from cvfm.curate.decisions import Decisions, check_output, write_decisions
+from cvfm.curate.decontaminate import decontaminate
+from cvfm.curate.dedup import dedup
+from cvfm.curate.inputs import EmbedOptions
 from cvfm.curate.kmeans import nearest, train_kmeans
 from cvfm.curate.pool import EmbeddingPool
+from cvfm.curate.retrieve import retrieve
 
-__all__ = ["EmbeddingPool", "nearest", "train_kmeans"]
+__all__ = [
+    "Decisions",
+    "EmbedOptions",
+    "EmbeddingPool",
+    "check_output",
+    "decontaminate",
+    "dedup",
+    "nearest",
+    "retrieve",
+    "train_kmeans",
+    "write_decisions",
+]

@@ -39,6 +39,7 @@ def train_kmeans(
         seed=seed,
         spherical=spherical,
         max_points_per_centroid=max_points_per_centroid,
+        min_points_per_centroid=1,  # a small pool is a pool too: no "please provide more points" warning
         init_method=faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS,
         gpu=faiss.get_num_gpus() > 0,
         verbose=False,
@@ -49,19 +50,38 @@ def train_kmeans(
 
 def nearest(queries, keys, k: int = 1, *, block_rows: int = BLOCK_ROWS) -> tuple[np.ndarray, np.ndarray]:
     """For each row of `queries`, the `k` rows of `keys` with the largest inner product (cosine on unit
-    vectors): (scores, indices), each (n, k), best first. Exact search, queries taken in blocks."""
+    vectors): (scores, indices), each (n, k), best first. Exact search; both sides are read in blocks of
+    `block_rows` (the keys' blocks merged with faiss' ResultHeap), so neither needs to fit in memory."""
+    import faiss
+
+    k = min(k, len(keys))
+    scores, ids = np.empty((len(queries), k), np.float32), np.empty((len(queries), k), np.int64)
+    key_blocks = list(range(0, len(keys), block_rows))
+    index = _flat_index(keys[:block_rows]) if len(key_blocks) == 1 else None
+    for start, block in blocks(queries, block_rows):
+        end = start + len(block)
+        if index is not None:  # the keys fit in one block: one index for every query block
+            scores[start:end], ids[start:end] = index.search(block, k)
+            continue
+        heap = faiss.ResultHeap(len(block), k, keep_max=True)
+        for key_start, key_block in blocks(keys, block_rows):
+            d, i = _flat_index(key_block).search(block, min(k, len(key_block)))
+            heap.add_result(d, np.where(i >= 0, i + key_start, -1))
+        heap.finalize()
+        scores[start:end], ids[start:end] = heap.D, heap.I
+    return scores, ids
+
+
+def _flat_index(keys):
+    """An exact inner-product index of `keys` (on every GPU faiss sees, where it has any)."""
     import faiss
 
     keys = np.ascontiguousarray(keys, dtype=np.float32)
-    k = min(k, len(keys))
     index = faiss.IndexFlatIP(keys.shape[1])
     if faiss.get_num_gpus() > 0:
         index = faiss.index_cpu_to_all_gpus(index)
     index.add(keys)
-    scores, ids = np.empty((len(queries), k), np.float32), np.empty((len(queries), k), np.int64)
-    for start, block in blocks(queries, block_rows):
-        scores[start : start + len(block)], ids[start : start + len(block)] = index.search(block, k)
-    return scores, ids
+    return index
 
 
 def blocks(x, block_rows: int = BLOCK_ROWS) -> Iterator[tuple[int, np.ndarray]]:
