@@ -301,55 +301,48 @@ def ensure_pool(work: Path, spec: PoolSpec) -> dict:
     return build_pool(folder, spec)
 
 
-def ensure_embedder(work: Path, args) -> Path:
-    """The pool's own self-supervised model (a `cvfm pretrain` run folder), trained unless there."""
-    run = work / "embedder"
+# The curation embedders: the pool's own SimCLR (cvfm's defaults, random resized crops of 8-100%), the same
+# with crops of 60-100% only (closer to a copy detector's invariances, as SSCD trains its descriptor), and
+# the raw pixels. name -> --opt of `cvfm pretrain` (None: not trained, the registry model named).
+EMBEDDERS = {"ssl": [], "ssl-mild": ["min_scale=0.6"], "pixels": None}
+
+
+def pretrain(work: Path, data, out: Path, method: str, epochs: int, seed: int, opts: list, args) -> dict:
+    """`cvfm pretrain` of args.model on `data` into `out` (a run cut short is replaced)."""
+    command = ["pretrain", "--data", data, "--method", method, "--model", args.model, "--epochs", epochs]
+    command += ["--batch-size", args.batch_size, "--num-workers", args.num_workers, "--seed", seed]
+    command += [x for o in opts for x in ("--opt", o)] + ["-o", out, "--overwrite"]
+    return cvfm(command, work / "logs" / f"pretrain-{out.name}.log", args.threads)
+
+
+def ensure_embedder(work: Path, name: str, args) -> Path | str:
+    """The embedder `name`: a registry model, or a run folder of the pool's own self-supervised model
+    (trained unless there)."""
+    opts = EMBEDDERS[name]
+    if opts is None:
+        return f"cvfm/{name}"
+    run = work / f"embedder-{name}"
     if not (run / "backbone").exists():
-        say(f"[embed] {args.embed_method} on the raw pool, {args.embed_epochs} epochs")
-        cvfm(
-            [
-                "pretrain",
-                "--data",
-                work / "pool" / "pool.jsonl",
-                "--method",
-                args.embed_method,
-                "--model",
-                args.model,
-                "--epochs",
-                args.embed_epochs,
-                "--batch-size",
-                args.batch_size,
-                "--num-workers",
-                args.num_workers,
-                "--seed",
-                0,
-                "-o",
-                run,
-                "--overwrite",
-            ],
-            work / "logs" / "embedder.log",
-            args.threads,
-        )
+        say(f"[embed] {name}: {args.embed_method} {' '.join(opts)} on the pool, {args.embed_epochs} epochs")
+        pretrain(work, work / "pool" / "pool.jsonl", run, args.embed_method, args.embed_epochs, 0, opts, args)
     return run
 
 
 def ensure_embeddings(work: Path, args) -> dict[str, dict[str, Path]]:
-    """{embedder name: {"pool": folder, "test": folder}}: `cvfm embed` outputs (a rerun resumes)."""
-    models = {"ssl": ensure_embedder(work, args), "pixels": "cvfm/pixels"}
+    """{embedder name: {"pool": folder, "test": folder, "model": model}}: `cvfm embed` outputs (a rerun
+    resumes)."""
     out = {}
-    for name, model in models.items():
-        out[name] = {}
+    for name in args.embedders:
+        model = ensure_embedder(work, name, args)
+        out[name] = {"model": model}
         for what, data in (
             ("pool", ["--data", work / "pool" / "pool.jsonl"]),
             ("test", ["--data", f"builtin:{args.data}", "--split", "test"]),
         ):
             folder = work / "emb" / f"{name}-{what}"
-            if not (folder / "embed.json").exists() or not _embed_done(folder):
-                cvfm(
-                    ["embed", model, *data, "-o", folder, "--num-workers", args.num_workers],
-                    work / "logs" / f"embed-{name}-{what}.log",
-                    args.threads,
-                )
+            if not _embed_done(folder):
+                command = ["embed", model, *data, "-o", folder, "--num-workers", args.num_workers]
+                cvfm(command, work / "logs" / f"embed-{name}-{what}.log", args.threads)
             out[name][what] = folder
     return out
 
@@ -425,12 +418,14 @@ def decontamination_scores(truth: dict, dropped: set[str]) -> dict:
     }
 
 
-def decisions(out: Path) -> dict[str, bool]:
-    """{id: kept} from a curate step's decisions.parquet."""
+def dropped_ids(out: Path, column: str = "kept") -> set[str]:
+    """The ids a curate step dropped: `column` false in its decisions.parquet (dedup writes kept_eps<e>
+    per eps)."""
     import pyarrow.parquet as pq
 
-    table = pq.read_table(out / "decisions.parquet", columns=["id", "kept"])
-    return dict(zip(table.column("id").to_pylist(), table.column("kept").to_pylist(), strict=True))
+    table = pq.read_table(out / "decisions.parquet", columns=["id", column])
+    ids, kept = table.column("id").to_pylist(), table.column(column).to_pylist()
+    return {i for i, k in zip(ids, kept, strict=True) if not k}
 
 
 def step(work: Path, name: str, args: list, threads: int, timed: bool = False) -> tuple[Path, dict]:
@@ -448,27 +443,22 @@ def step(work: Path, name: str, args: list, threads: int, timed: bool = False) -
 
 
 def dedup_part(work: Path, truth: dict, embeddings: dict, args) -> dict:
-    """Dedup P/R at each eps and decontamination recall, for each embedder."""
+    """Dedup P/R at each eps (one `curate dedup` run per embedder) and decontamination recall at each
+    --thresholds, for each embedder."""
     rows = {"dedup": [], "decontaminate": []}
     for name, emb in embeddings.items():
-        for eps in args.eps:
-            out, info = step(
-                work, f"dedup/{name}-eps{eps}", ["dedup", emb["pool"], "--eps", eps], args.threads
+        eps = [x for e in args.eps for x in ("--eps", e)]
+        out, info = step(work, f"dedup/{name}", ["dedup", emb["pool"], *eps], args.threads)
+        for e in args.eps:
+            scores = dedup_scores(truth, dropped_ids(out, f"kept_eps{e}"))
+            rows["dedup"].append({"embedder": name, "eps": e, **scores, "wall_s": info["wall_s"]})
+        for t in args.thresholds:
+            command = ["decontaminate", emb["pool"], "--against", emb["test"], "--threshold", t]
+            out, info = step(work, f"decontaminate/{name}-{t}", command, args.threads)
+            scores = decontamination_scores(truth, dropped_ids(out))
+            rows["decontaminate"].append(
+                {"embedder": name, "threshold": t, **scores, "wall_s": info["wall_s"]}
             )
-            dropped = {i for i, kept in decisions(out).items() if not kept}
-            rows["dedup"].append(
-                {"embedder": name, "eps": eps, **dedup_scores(truth, dropped), "wall_s": info["wall_s"]}
-            )
-        out, info = step(
-            work,
-            f"decontaminate/{name}",
-            ["decontaminate", emb["pool"], "--against", emb["test"]],
-            args.threads,
-        )
-        dropped = {i for i, kept in decisions(out).items() if not kept}
-        rows["decontaminate"].append(
-            {"embedder": name, **decontamination_scores(truth, dropped), "wall_s": info["wall_s"]}
-        )
     return rows
 
 
@@ -513,6 +503,7 @@ def dedup_tables(rows: dict) -> list[str]:
     body = [
         [
             r["embedder"],
+            r["threshold"],
             r["test_copies"],
             r["dropped"],
             r["recall"],
@@ -526,6 +517,7 @@ def dedup_tables(rows: dict) -> list[str]:
     decon = fmt_table(
         [
             "embedder",
+            "threshold",
             "test copies",
             "dropped",
             "recall",
@@ -587,32 +579,22 @@ def random_subset(work: Path, truth: dict, n: int, seed: int) -> Path:
 
 
 def curated_subset(work: Path, emb: dict, args) -> tuple[Path, dict]:
-    """Dedup (default eps) -> decontaminate -> cluster -> balanced sample of N, each step on the previous
-    one's kept items (re-embedded with the curation embedder); the manifest and each step's kept count."""
-    kept_counts = {}
-    current = emb["pool"]
-    for name, extra in (("dedup", []), ("decontaminate", ["--against", emb["test"]])):
-        out, _ = step(work, f"subset/curated/{name}", [name, current, *extra], args.threads)
-        kept_counts[name] = sum(decisions(out).values())
-        current = reembed(work, out / "kept.jsonl", f"subset-after-{name}", args)
-    levels = ["--levels", args.levels]
-    out, _ = step(work, "subset/curated/cluster", ["cluster", current, *levels], args.threads)
-    out, _ = step(work, "subset/curated/sample", ["sample", out, "--target", args.subset_size], args.threads)
-    kept = read_manifest(out / "kept.jsonl")
-    kept_counts["sample"] = len(kept)
-    return out / "kept.jsonl", kept_counts
-
-
-def reembed(work: Path, manifest: Path, name: str, args) -> Path:
-    """`cvfm embed` of a kept.jsonl with the curation embedder (a rerun resumes)."""
-    folder = work / "emb" / name
-    if not _embed_done(folder):
-        cvfm(
-            ["embed", work / "embedder", "--data", manifest, "-o", folder, "--num-workers", args.num_workers],
-            work / "logs" / f"embed-{name}.log",
-            args.threads,
-        )
-    return folder
+    """Dedup (the command's default eps) -> decontaminate -> cluster -> balanced sample of N, each step on
+    the previous one's kept.jsonl (embedded again by the step, with the curation embedder); the manifest
+    and each step's kept count."""
+    model = ["--model", emb["model"], "--num-workers", args.num_workers]
+    out, _ = step(work, "subset/curated/dedup", ["dedup", emb["pool"]], args.threads)
+    kept = {"dedup": out / "kept.jsonl"}
+    command = ["decontaminate", kept["dedup"], "--against", emb["test"], *model]
+    out, _ = step(work, "subset/curated/decontaminate", command, args.threads)
+    kept["decontaminate"] = out / "kept.jsonl"
+    command = ["cluster", kept["decontaminate"], "--levels", args.levels, *model]
+    out, _ = step(work, "subset/curated/cluster", command, args.threads)
+    command = ["sample", out, "--target", args.subset_size]
+    out, _ = step(work, "subset/curated/sample", command, args.threads)
+    kept["sample"] = out / "kept.jsonl"
+    counts = {name: len(read_manifest(path)) for name, path in kept.items()}
+    return kept["sample"], counts
 
 
 def pretrain_and_score(work: Path, arm: str, manifest: Path, seed: int, args) -> dict:
@@ -623,30 +605,7 @@ def pretrain_and_score(work: Path, arm: str, manifest: Path, seed: int, args) ->
     if score_file.exists():
         return json.loads(score_file.read_text())
     say(f"[subset] {arm}, seed {seed}: {args.method}, {args.epochs} epochs of {args.subset_size}")
-    t = cvfm(
-        [
-            "pretrain",
-            "--data",
-            manifest,
-            "--method",
-            args.method,
-            "--model",
-            args.model,
-            "--epochs",
-            args.epochs,
-            "--batch-size",
-            args.batch_size,
-            "--num-workers",
-            args.num_workers,
-            "--seed",
-            seed,
-            "-o",
-            run,
-            "--overwrite",
-        ],
-        work / "logs" / f"pretrain-{arm}-{seed}.log",
-        args.threads,
-    )
+    t = pretrain(work, manifest, run, args.method, args.epochs, seed, [], args)
     e = cvfm(
         ["evaluate", "knn", run, "--data", f"builtin:{args.data}", "--num-workers", args.num_workers],
         work / "logs" / f"knn-{arm}-{seed}.log",
@@ -664,21 +623,24 @@ def pretrain_and_score(work: Path, arm: str, manifest: Path, seed: int, args) ->
 
 
 def subset_part(work: Path, truth: dict, embeddings: dict, args) -> dict:
-    curated, kept_counts = curated_subset(work, embeddings["ssl"], args)
-    curated_ids = [r["id"] for r in read_manifest(curated)]
-    if len(curated_ids) != args.subset_size:
-        say(f"(the curated sample holds {len(curated_ids)} items, not {args.subset_size}: so will random)")
-    n = len(curated_ids)
-    runs, compositions = [], {"curated": composition(truth, curated_ids)}
-    for seed in args.seeds:
+    n = args.subset_size
+    runs, compositions = [], {}
+    for seed in args.seeds:  # the random arm first: it needs no curation
         rand = random_subset(work, truth, n, seed)
         compositions[f"random-seed{seed}"] = composition(truth, [r["id"] for r in read_manifest(rand)])
         runs.append(pretrain_and_score(work, "random", rand, seed, args))
+    curated, kept_counts = curated_subset(work, embeddings[args.curate_embedder], args)
+    curated_ids = [r["id"] for r in read_manifest(curated)]
+    compositions["curated"] = composition(truth, curated_ids)
+    if len(curated_ids) != n:
+        say(f"(the curated sample holds {len(curated_ids)} items, not {n}: the sizes differ)")
+    for seed in args.seeds:
         runs.append(pretrain_and_score(work, "curated", curated, seed, args))
     scores = {arm: [r["knn_top1"] for r in runs if r["arm"] == arm] for arm in ("curated", "random")}
     gaps = [c - r for c, r in zip(scores["curated"], scores["random"], strict=True)]
     return {
         "size": n,
+        "curated_size": len(curated_ids),
         "kept_after_step": kept_counts,
         "compositions": compositions,
         "runs": runs,
@@ -857,15 +819,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--embed-method", default="simclr", help="the curation embedder's method (default simclr)")
     g.add_argument("--embed-epochs", type=int, default=10, help="the curation embedder's epochs (default 10)")
     g.add_argument("--method", default="simclr", help="the subset runs' method (default simclr)")
-    g.add_argument("--epochs", type=int, default=30, help="the subset runs' epochs over N (default 30)")
+    g.add_argument("--epochs", type=int, default=20, help="the subset runs' epochs over N (default 20)")
     g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument(
+        "--embedders",
+        default=",".join(EMBEDDERS),
+        help=f"curation embedders scored (comma list of {', '.join(EMBEDDERS)}; default all)",
+    )
     g = p.add_argument_group("dedup, subset")
+    g.add_argument("--thresholds", default="0.99,0.95,0.9", help="decontamination thresholds scored")
+    g.add_argument("--curate-embedder", default="ssl-mild", help="the embedder of the curated subset")
     g.add_argument(
         "--eps", default="0.01,0.02,0.05,0.1,0.15", help="dedup thresholds scored (comma-separated)"
     )
-    g.add_argument("--subset-size", type=int, default=1200, help="N, the size of both subsets (default 1200)")
+    g.add_argument("--subset-size", type=int, default=1000, help="N, the size of both subsets (default 1000)")
     g.add_argument("--levels", default="100,20", help="the curated subset's cluster levels (default 100,20)")
-    g.add_argument("--seeds", default="0,1,2", help="pre-training seeds of each subset (default 0,1,2)")
+    g.add_argument("--seeds", default="0,1", help="pre-training seeds of each subset (default 0,1)")
     g = p.add_argument_group("scale")
     g.add_argument("--scale-rows", type=int, default=1_000_000)
     g.add_argument("--scale-dim", type=int, default=256)
@@ -873,6 +842,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.eps = [float(e) for e in args.eps.split(",")]
     args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.thresholds = [float(t) for t in args.thresholds.split(",")]
+    args.embedders = [e for e in args.embedders.split(",") if e]
+    unknown = [e for e in {*args.embedders, args.curate_embedder} if e not in EMBEDDERS]
+    if unknown:
+        p.error(f"unknown embedder(s) {', '.join(unknown)} (choose from {', '.join(EMBEDDERS)})")
+    if args.curate_embedder not in args.embedders:
+        args.embedders.append(args.curate_embedder)
     args.spec = PoolSpec(
         data=args.data,
         major_classes=args.major_classes,
