@@ -752,8 +752,12 @@ def scale_part(work: Path, args) -> dict:
         say(f"[scale] writing {args.scale_rows} random {args.scale_dim}-d rows to {emb}")
         write_random_embeddings(emb, args.scale_rows, args.scale_dim)
     rows = []
-    for name, extra in (("dedup", []), ("cluster", ["--levels", args.scale_levels])):
+    # --no-exact: the rows have no image files to hash; SemDeDup alone runs on the embeddings
+    steps = {"dedup": ["--no-exact"], "cluster": ["--levels", args.scale_levels]}
+    for name in args.scale_steps:
+        extra = steps[name]
         _, info = step(work, f"scale/{name}", [name, emb, *extra], args.threads, timed=True)
+        summary = last_json(info["stdout"])
         rows.append(
             {
                 "step": name,
@@ -765,6 +769,8 @@ def scale_part(work: Path, args) -> dict:
                 "peak_rss_mb": info["peak_rss_mb"],
                 "embeddings_mb": args.scale_rows * args.scale_dim * 4 / 2**20,
                 "threads": args.threads,
+                "kept": summary.get("kept"),
+                "reasons": summary.get("reasons"),
             }
         )
     return {"rows": rows}
@@ -776,6 +782,7 @@ def scale_table(r: dict) -> str:
             x["step"],
             x["options"] or "-",
             x["rows"],
+            x["kept"],
             x["wall_s"],
             x["rows_per_s"],
             x["peak_rss_mb"],
@@ -785,7 +792,7 @@ def scale_table(r: dict) -> str:
     ]
     threads = r["rows"][0]["threads"] if r["rows"] else "-"
     return fmt_table(
-        ["step", "options", "rows", "wall s", "rows/s", "peak RSS MB", "embeddings MB"],
+        ["step", "options", "rows", "kept", "wall s", "rows/s", "peak RSS MB", "embeddings MB"],
         body,
         f"cvfm curate at scale: random unit 256-d float32 rows, OMP_NUM_THREADS={threads}, peak RSS of the"
         " command (/usr/bin/time -v)",
@@ -839,10 +846,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--scale-rows", type=int, default=1_000_000)
     g.add_argument("--scale-dim", type=int, default=256)
     g.add_argument("--scale-levels", default="1000,100")
+    g.add_argument("--scale-steps", default="dedup,cluster", help="the curate steps timed (comma list)")
     args = p.parse_args(argv)
     args.eps = [float(e) for e in args.eps.split(",")]
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.thresholds = [float(t) for t in args.thresholds.split(",")]
+    args.scale_steps = [x for x in args.scale_steps.split(",") if x]
     args.embedders = [e for e in args.embedders.split(",") if e]
     unknown = [e for e in {*args.embedders, args.curate_embedder} if e not in EMBEDDERS]
     if unknown:
