@@ -384,3 +384,4 @@ def test_ray_refuses_to_follow_stdin_to_stdout_before_reading_it(cli, pairs, tmp
     out = tmp_path / "out.jsonl"
     assert_usage_error(cli("capfilt", "--in", pairs, "--out", out, "--actors", "2"), "need --engine ray")
     assert not out.exists()
+    assert "'cvfm[ray]'" in cli("capfilt", "--help").out  # the extra's name, not eaten as markup
