@@ -342,3 +342,46 @@ def test_cli_data_and_output_name_the_same_files_as_in_and_out(cli, pairs, tmp_p
     assert cli("capfilt", "--in", pairs, "--out", a, *settings).code == 0
     assert cli("capfilt", "--data", pairs, "--output", b, *settings).code == 0
     assert len(_lines(b)) == GOOD and a.read_bytes() == b.read_bytes()
+
+
+# ------------------------------------------------------------------------------------------- Ray
+
+
+@pytest.mark.slow
+def test_ray_engine_resumes_a_cut_output_to_the_local_runs_bytes(pairs, tmp_path, monkeypatch):
+    """`--engine ray` resuming an output cut by a kill (batch 0 whole, batch 1 cut mid-line, no rejects
+    yet): it skips batch 0, computes batches 1-3 on Ray (the same batches as the local engine, so the
+    same padding and scores) and ends with the local run's files and summary, byte for byte."""
+    pytest.importorskip("ray")
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    opts = {k: v for k, v in FAST.items() if k != "device"}  # both engines on the default device
+    files = ("out.jsonl", "out.rejects.jsonl", "out.capfilt.json")
+    runs = {}
+    for engine in ("local", "ray"):  # the same relative output names: the same settings sidecar
+        (tmp_path / engine).mkdir()
+        monkeypatch.chdir(tmp_path / engine)
+        if engine == "ray":  # what the local run had written when killed
+            lines = runs["local"][1][0].splitlines(keepends=True)
+            Path("out.jsonl").write_bytes(b"".join(lines[:4]) + lines[4][:40])  # p0-p2, p3, p4 cut short
+            Path(files[2]).write_bytes(runs["local"][1][2])
+        batches = []
+        summary = capfilt(
+            str(pairs), "out.jsonl", batch_size=3, engine=engine, on_batch=batches.append, **opts
+        )
+        runs[engine] = (summary, [Path(f).read_bytes() for f in files], batches)
+    (local, want, _), (ray, got, batches) = runs["local"], runs["ray"]
+    assert batches == [0, 1, 2]  # batch 0 was done: Ray computed the other three
+    assert ray["already_done"] == 4 and ray["written"] == 7
+    assert {**ray, "already_done": 0, "written": 11} == local
+    assert got == want and len(want[0].splitlines()) == GOOD
+
+
+def test_ray_refuses_to_follow_stdin_to_stdout_before_reading_it(cli, pairs, tmp_path):
+    """Ray works on a whole input: --in - --out - (records flowing while stdin is written) is the local
+    engine's; the refusal names the way out, and the engine options are checked before any work."""
+    r = cli("capfilt", "--in", "-", "--out", "-", "--engine", "ray")
+    assert_usage_error(r, "--engine ray", "--in - --out -", "local engine", "file")
+    out = tmp_path / "out.jsonl"
+    assert_usage_error(cli("capfilt", "--in", pairs, "--out", out, "--actors", "2"), "need --engine ray")
+    assert not out.exists()
+    assert "'cvfm[ray]'" in cli("capfilt", "--help").out  # the extra's name, not eaten as markup

@@ -2,7 +2,8 @@
 markers), a killed Ray run resumes, and the engine options are checked before anything starts.
 
 Each Ray run starts (and stops) a real embedded Ray, about 15-20 s on two cores: the default suite has
-two of them.
+two of them, a killed run and its resume (which also checks what a fresh run does: the same files as the
+local engine); the slow tests the rest.
 """
 
 from __future__ import annotations
@@ -92,29 +93,12 @@ def local_run(photos, tmp_path_factory) -> dict:
     return {"summary": summary, **_read(out)}
 
 
-def test_ray_engine_writes_what_the_local_engine_writes(cli, photos, local_run, tmp_path, monkeypatch):
-    """A real embedded Ray (started and stopped by the command): the same parts, rows in the same order,
-    embeddings within fp tolerance, the same resume markers and the same skipped file."""
-    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    out = tmp_path / "emb"
-    r = cli(*_embed_cli(photos, out, "--engine", "ray"))
-    assert r.code == 0, r.err
-    summary = json.loads(r.out)
-    want = {k: v for k, v in local_run["summary"].items() if k != "output"}
-    assert {k: v for k, v in summary.items() if k != "output"} == want
-    assert [s["where"] for s in summary["skipped"]] == [str(photos / "06_broken.jpg")]
-    _assert_same_output(_read(out), local_run)
-
-    import ray
-
-    assert not ray.is_initialized()  # the embedded Ray was shut down
-
-
-def test_a_killed_ray_run_resumes(photos, local_run, tmp_path):
+def test_a_killed_ray_run_resumes(cli, photos, local_run, tmp_path, monkeypatch):
     """`cvfm embed --engine ray` in its own process, frozen once its first part is on disk and killed
-    (SIGKILL): whole parts stay, and the same command in a new process computes only the missing ones
-    and ends with the local engine's output."""
+    (SIGKILL): whole parts stay. The same command, run again here (another process, a real embedded Ray
+    that it starts and stops), computes only the missing parts and ends with the local engine's files:
+    the same parts, rows in the same order, embeddings within fp tolerance, the same resume markers and
+    the same summary (the corrupt file skipped and named)."""
     out = tmp_path / "emb"
     cmd = [sys.executable, "-m", "cvfm", *_embed_cli(photos, out, "--engine", "ray")]
     proc = subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -128,11 +112,38 @@ def test_a_killed_ray_run_resumes(photos, local_run, tmp_path):
     proc.communicate(timeout=60)
     done = sorted(int(p.stem.split("_")[1]) for p in (out / "metadata").glob("metadata_*.parquet"))
     assert 1 <= len(done) < 3, done
-    again = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr[-3000:]
-    summary = json.loads(again.stdout)
-    assert summary["parts"]["already_done"] == len(done) and summary["parts"]["written"] == 3 - len(done)
-    assert summary["skipped"] == local_run["summary"]["skipped"]
+    kept = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.rglob(f"*_{done[0]}.*")}
+    assert len(kept) == 2  # the first part's embeddings and its metadata (with the resume marker)
+
+    for name, value in _env().items():
+        if name in ("OMP_NUM_THREADS", "RAY_USAGE_STATS_ENABLED"):
+            monkeypatch.setenv(name, value)
+    r = cli(*_embed_cli(photos, out, "--engine", "ray"))
+    assert r.code == 0, r.err
+    assert kept == {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in kept}  # left as they were
+    summary = json.loads(r.out)
+    assert summary["parts"] == {"total": 3, "owned": 3, "written": 3 - len(done), "already_done": len(done)}
+    want = {k: v for k, v in local_run["summary"].items() if k not in ("output", "parts")}
+    assert {k: v for k, v in summary.items() if k not in ("output", "parts")} == want
+    assert [s["where"] for s in summary["skipped"]] == [str(photos / "06_broken.jpg")]
+    _assert_same_output(_read(out), local_run)
+
+    import ray
+
+    assert not ray.is_initialized()  # the embedded Ray was shut down
+
+
+@pytest.mark.slow
+def test_ray_engine_writes_what_the_local_engine_writes(cli, photos, local_run, tmp_path, monkeypatch):
+    """A fresh run, in this process: the same files and summary as the local engine (the resume test
+    above checks the same of a killed and resumed run, in the default suite)."""
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "emb"
+    r = cli(*_embed_cli(photos, out, "--engine", "ray"))
+    assert r.code == 0, r.err
+    summary = json.loads(r.out)
+    assert {**summary, "output": None} == {**local_run["summary"], "output": None}
     _assert_same_output(_read(out), local_run)
 
 

@@ -5,13 +5,19 @@ A file's lines go in one fixed grid of batches, so a resumed run batches each pa
 of parsed lines go to a DataLoader whose workers decode and preprocess the images; the models then
 caption a whole batch at once and score all of its captions in one ITM pass. Results are written batch
 by batch (output records, then rejects).
+
+`engine="ray"` reads the whole input first (its lines are small records; all of standard input for
+`--in -`), makes the same batches, decodes them as Ray tasks and runs the models in Ray actors; this
+process writes the results as the local engine does: the same files, byte for byte.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,6 +32,7 @@ from cvfm.data.stream import arrived
 from cvfm.data.text import own_stdin
 from cvfm.errors import UsageError
 from cvfm.runtime.device import default_device
+from cvfm.runtime.engine import Engine, RaySession, with_engine
 from cvfm.runtime.precision import autocast, precision_name, resolve_precision
 from cvfm.runtime.progress import log
 from cvfm.runtime.threads import share_cores_with_workers
@@ -95,6 +102,11 @@ def _collate(samples: list) -> tuple[list[io.Job], torch.Tensor | None, torch.Te
     return jobs, torch.stack([s[1] for s in good]), torch.stack([s[2] for s in good])
 
 
+def _decode(images: _Images, jobs: list[io.Job]) -> tuple:
+    """A Ray task's share of the DataLoader's work: one batch decoded and collated."""
+    return _collate([images[job] for job in jobs])
+
+
 def _check(num_captions: int, top_p: float | None, threshold: float, batch_size: int, lengths) -> None:
     if not 0.0 <= threshold <= 1.0:
         raise UsageError(f"--threshold is a probability in [0, 1], not {threshold}")
@@ -131,6 +143,7 @@ def capfilt(
     pretrained: bool = True,
     trust_remote_code: bool = False,
     device: str | None = None,
+    engine: Engine | str | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> dict:
     """Filter the captions of the image-text pairs in `data` (a JSONL file, or "-" for stdin).
@@ -141,7 +154,39 @@ def capfilt(
     the lines already in `output` or `rejects`, and (with the same `batch_size`) ends with the lines of an
     uninterrupted run. `on_batch(i)` is called after batch i is written. Returns the summary (over the
     whole output, resumed lines included).
+
+    `engine` "ray" filters the batches on Ray (see `cvfm.runtime.engine`): the same lines, after reading
+    the whole input (`data="-"` to a file: all of stdin first; to `output="-"` it is refused).
     """
+    return with_engine(_capfilt, locals(), "--in - --out -" if data == output == "-" else None)
+
+
+def _capfilt(
+    data: str,
+    output: str,
+    *,
+    captioner: str,
+    matcher: str | None,
+    rejects: str | None,
+    num_captions: int,
+    top_p: float | None,
+    prompt: str,
+    threshold: float,
+    max_length: int,
+    min_length: int,
+    batch_size: int,
+    num_workers: int,
+    seed: int,
+    precision: str,
+    text_column: str,
+    image_column: str,
+    overwrite: bool,
+    pretrained: bool,
+    trust_remote_code: bool,
+    device: str | None,
+    on_batch: Callable[[int], None] | None,
+    session: RaySession | None,
+) -> dict:
     _check(num_captions, top_p, threshold, batch_size, (max_length, min_length))
     matcher = matcher or captioner
     to_stdout = output == "-"
@@ -151,8 +196,10 @@ def capfilt(
         raise UsageError("--rejects - is not allowed: stdout carries the output records only")
     if not to_stdout and rejects is not None and Path(rejects).resolve() == Path(output).resolve():
         raise UsageError("--rejects must be another file than --out")
-    dev = torch.device(default_device(device))
-    amp = resolve_precision(precision, dev)
+    # The models are loaded here too (a bad id fails before any file is touched; their preprocessing),
+    # on the CPU under Ray, whose actors run them on their own device.
+    dev = torch.device("cpu" if session is not None else default_device(device))
+    amp = session.precision(precision) if session is not None else resolve_precision(precision, dev)
     settings = {
         "cvfm_version": cvfm.__version__,
         "input": data,
@@ -200,7 +247,7 @@ def capfilt(
     cap_model, itm_model = _load(captioner, matcher, pretrained, trust_remote_code, dev)
     if not to_stdout:
         io.start_files(output, rejects, settings, state)
-    if dev.type == "cpu":
+    if session is None and dev.type == "cpu":
         share_cores_with_workers(num_workers)
     cap_pre, itm_pre = cap_model.preprocess, itm_model.preprocess
     images = _Images(cap_pre.transform(), None if itm_pre == cap_pre else itm_pre.transform())
@@ -220,7 +267,7 @@ def capfilt(
         stack.callback(bad.close)
         log(
             f"capfilt: {captioner} captions ({num_captions} per pair, top-p {top_p}), {matcher} scores, "
-            f"threshold {threshold}, on {dev} ({precision_name(amp)})"
+            f"threshold {threshold}, on {'Ray' if session is not None else dev} ({precision_name(amp)})"
             + (f"; {len(done)} lines already done" if done else "")
         )
         gen = dict(
@@ -231,33 +278,39 @@ def capfilt(
             max_length=max_length,
             min_length=min_length,
         )
-        batch = 0
-        try:
-            for chunk in _chunks(stream, data == "-", batch_size):
-                batches = _Batches(chunk, parse, done, output, batch_size)
-                loader = DataLoader(
+        if session is None:
+            step = _Filter(cap_model, itm_model, dev, amp, threshold, gen)
+            loaders = (
+                DataLoader(
                     images,
-                    batch_sampler=batches,
+                    batch_sampler=_Batches(chunk, parse, done, output, batch_size),
                     num_workers=num_workers,
                     collate_fn=_collate,
                     pin_memory=dev.type == "cuda",
                 )
-                for jobs, cap_px, itm_px in loader:
-                    records, failed = _filter_batch(
-                        jobs, cap_px, itm_px, cap_model, itm_model, dev, amp, threshold, gen
-                    )
-                    records = [r for r in records if r["line"] not in done]
-                    failed = [r for r in failed if r["line"] not in done]
-                    sink.write(records)
-                    bad.write(failed)
-                    for r in records:
-                        tally.add_record(r)
-                    for r in failed:
-                        tally.add_reject(r)
-                    written += len(records) + len(failed)
-                    if on_batch is not None:
-                        on_batch(batch)
-                    batch += 1
+                for chunk in _chunks(stream, data == "-", batch_size)
+            )
+            results = (step(batch) for loader in loaders for batch in loader)
+        else:
+            if data == "-":
+                log("capfilt: --engine ray reads all of standard input first")
+            units = list(_Batches(io.read_lines(stream), parse, done, output, batch_size))
+            spec = (captioner, matcher, pretrained, trust_remote_code, precision_name(amp), threshold, gen)
+            build = functools.partial(_Filter.load, *spec)
+            results = (out for _, out in session.map(units, functools.partial(_decode, images), build))
+        try:
+            for batch, (records, failed) in enumerate(results):
+                records = [r for r in records if r["line"] not in done]
+                failed = [r for r in failed if r["line"] not in done]
+                sink.write(records)
+                bad.write(failed)
+                for r in records:
+                    tally.add_record(r)
+                for r in failed:
+                    tally.add_reject(r)
+                written += len(records) + len(failed)
+                if on_batch is not None:
+                    on_batch(batch)
         except KeyboardInterrupt:
             if not to_stdout:
                 log(f"capfilt: interrupted after {written} new lines; the same command finishes the rest")
@@ -287,20 +340,43 @@ def _load(captioner: str, matcher: str, pretrained: bool, trust_remote_code: boo
     return cap.eval().to(dev), itm.eval().to(dev)
 
 
-@torch.inference_mode()
-def _filter_batch(jobs, cap_px, itm_px, cap_model, itm_model, dev, amp, threshold, gen) -> tuple[list, list]:
-    """Output records of the batch's good jobs and rejects of the others, in input order each."""
-    good = [j for j in jobs if j.error is None]
-    failed = [j.reject() for j in jobs if j.error is not None]
-    if not good:
-        return [], failed
-    with autocast(dev, amp):
-        cap_px = cap_px.to(dev, non_blocking=True)
-        itm_px = cap_px if itm_px is None else itm_px.to(dev, non_blocking=True)
-        synthetic = sample_captions(cap_model, cap_px, [j.id for j in good], **gen)
-        scores = itm_scores(itm_model, itm_px, [[j.text, *s] for j, s in zip(good, synthetic, strict=True)])
-    records = [
-        io.output_record(j, filter_captions(j.text, syn, sc[0], sc[1:], threshold))
-        for j, syn, sc in zip(good, synthetic, scores, strict=True)
-    ]
-    return records, failed
+@dataclass
+class _Filter:
+    """The models' half of a batch: output records of its good jobs and rejects of the others, in input
+    order each."""
+
+    cap: object
+    itm: object
+    dev: torch.device
+    amp: torch.dtype | None
+    threshold: float
+    gen: dict
+
+    @classmethod
+    def load(
+        cls, captioner, matcher, pretrained, trust_remote_code, precision: str, threshold, gen
+    ) -> _Filter:
+        """On a Ray actor: both models on the actor's device, at the driver's resolved precision."""
+        dev = torch.device(default_device())
+        models = _load(captioner, matcher, pretrained, trust_remote_code, dev)
+        return cls(*models, dev, resolve_precision(precision, dev), threshold, gen)
+
+    @torch.inference_mode()
+    def __call__(self, batch: tuple) -> tuple[list, list]:
+        jobs, cap_px, itm_px = batch
+        good = [j for j in jobs if j.error is None]
+        failed = [j.reject() for j in jobs if j.error is not None]
+        if not good:
+            return [], failed
+        dev = self.dev
+        with autocast(dev, self.amp):
+            cap_px = cap_px.to(dev, non_blocking=True)
+            itm_px = cap_px if itm_px is None else itm_px.to(dev, non_blocking=True)
+            synthetic = sample_captions(self.cap, cap_px, [j.id for j in good], **self.gen)
+            texts = [[j.text, *s] for j, s in zip(good, synthetic, strict=True)]
+            scores = itm_scores(self.itm, itm_px, texts)
+        records = [
+            io.output_record(j, filter_captions(j.text, syn, sc[0], sc[1:], self.threshold))
+            for j, syn, sc in zip(good, synthetic, scores, strict=True)
+        ]
+        return records, failed

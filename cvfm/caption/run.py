@@ -16,7 +16,7 @@ from cvfm.data.loader import ImageDataset, SkipLog, collate
 from cvfm.data.sources import ImageSource, follow_stdin, open_source
 from cvfm.errors import UsageError
 from cvfm.runtime.device import default_device
-from cvfm.runtime.engine import Engine, RaySession, open_engine
+from cvfm.runtime.engine import Engine, RaySession, with_engine
 from cvfm.runtime.precision import autocast, precision_name, resolve_precision
 from cvfm.runtime.progress import log, progress
 from cvfm.runtime.threads import share_cores_with_workers
@@ -53,15 +53,7 @@ def caption(
     Beam search (`num_beams`) by default, nucleus sampling when `top_p` is set. `on_batch(k)` is called
     after batch k is written. `engine` "ray" captions the batches on Ray (see `cvfm.runtime.engine`): the
     same lines. Returns a summary: images captioned now / already done, skipped items."""
-    args = {k: v for k, v in locals().items() if k != "engine"}  # first: the arguments alone
-    engine = Engine.of(engine)
-    if engine.is_ray and data == "-" and output == "-":
-        raise UsageError(
-            "--engine ray captions a whole source: --data - -o - follows standard input, which the local "
-            "engine does (or write to a file)"
-        )
-    with open_engine(engine) as session:
-        return _caption(**args, session=session)
+    return with_engine(_caption, locals(), "--data - -o -" if data == output == "-" else None)
 
 
 def _caption(

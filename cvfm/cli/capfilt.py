@@ -52,6 +52,9 @@ def capfilt(
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace an output written with other settings (or not by capfilt)."
     ),
+    engine: str = common.EngineKind,
+    address: str = common.Address,
+    actors: int = common.Actors,
 ) -> None:
     """Caption and filter image-text pairs (BLIP's CapFilt): sample synthetic captions, score the web
     caption and each synthetic one with the ITM head, keep those scoring >= --threshold.
@@ -61,6 +64,8 @@ def capfilt(
     rejects file. Rerunning the same command resumes a file output; a summary (counts, drop reasons,
     ITM histogram) goes to stderr, and with a file output also as one JSON line to stdout. Lines are
     filtered as they arrive: with --in -, records come out while the writer of stdin is still writing.
+    --engine ray filters the batches on Ray (an embedded one, or the cluster at --address): the same
+    lines; it reads the whole input first (--in - to a file: all of stdin; --in - --out - is refused).
 
     Examples:
 
@@ -71,11 +76,14 @@ def capfilt(
       cvfm capfilt --in pairs.jsonl --out filtered.jsonl --num-captions 5 --threshold 0.6
 
       cat pairs.jsonl | cvfm capfilt --in - --out - --rejects bad.jsonl | jq -c .captions
+
+      cvfm capfilt --in pairs.jsonl --out filtered.jsonl --engine ray --address auto
     """
     from cvfm.capfilt import capfilt as run_capfilt
     from cvfm.capfilt.rules import format_summary
     from cvfm.runtime.progress import log
 
+    run_engine = common.engine(engine, address, actors)
     summary = run_capfilt(
         data,
         output,
@@ -97,6 +105,7 @@ def capfilt(
         overwrite=overwrite,
         pretrained=pretrained,
         trust_remote_code=trust_remote_code,
+        engine=run_engine,
     )
     log(format_summary(summary))
     if output != "-":

@@ -34,7 +34,7 @@ EngineKind = typer.Option(
     "local",
     "--engine",
     help="local (this process; DataLoader workers decode) or ray (decoding as Ray tasks, the model in "
-    "actors, one per GPU; pip install 'cvfm[ray]'). Same output, same resume.",
+    "actors, one per GPU; pip install 'cvfm\\[ray]'). Same output, same resume.",
     rich_help_panel=ENGINE_PANEL,
 )
 Address = typer.Option(

@@ -26,7 +26,7 @@ from cvfm.embed.towers import Towers, load_towers
 from cvfm.embed.writers import JsonLinesWriter, PartWriter
 from cvfm.errors import UsageError
 from cvfm.runtime.device import default_device
-from cvfm.runtime.engine import Engine, RaySession, open_engine
+from cvfm.runtime.engine import Engine, RaySession, with_engine
 from cvfm.runtime.precision import autocast, precision_name, resolve_precision
 from cvfm.runtime.progress import log, progress
 from cvfm.runtime.threads import share_cores_with_workers
@@ -72,15 +72,9 @@ def embed(
     `engine` "ray" (or an `Engine` with a cluster address and an actor count) runs the batches on Ray:
     the same files, rows and resume markers as the local engine (see `cvfm.runtime.engine`).
     """
-    args = {k: v for k, v in locals().items() if k != "engine"}  # first: the arguments alone
-    engine = Engine.of(engine)
-    if engine.is_ray and data == "-" and output == "-" and num_shards == 1:
-        raise UsageError(
-            "--engine ray embeds a whole source: --data - -o - follows standard input, which the local "
-            "engine does (or write to a folder: -o FOLDER reads all of stdin first)"
-        )
-    with open_engine(engine) as session:
-        return _embed(**args, session=session)
+    return with_engine(
+        _embed, locals(), "--data - -o -" if data == output == "-" and num_shards == 1 else None
+    )
 
 
 def _embed(

@@ -15,13 +15,14 @@ import os
 import pickle
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from cvfm.errors import UsageError
 from cvfm.runtime.progress import log
 
 ENGINES = ("local", "ray")
 INSTALL = "pip install 'cvfm[ray]'"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -57,11 +58,20 @@ class Engine:
             )
 
 
-def open_engine(engine: Engine | str | None) -> contextlib.AbstractContextManager[RaySession | None]:
-    """`with open_engine(engine) as ray:` a RaySession for `--engine ray` (Ray missing: a usage error),
-    None for the local engine."""
-    engine = Engine.of(engine)
-    return RaySession(engine) if engine.is_ray else contextlib.nullcontext()
+def with_engine(run: Callable[..., T], args: dict, follows: str | None = None) -> T:
+    """`run(**args, session=...)`, `args` a command's arguments (its `locals()`) with the engine in
+    `args["engine"]`: the session is a RaySession for `--engine ray` (stopped after), None for the local
+    engine. `follows` names the options with which the local engine follows standard input as it arrives
+    (e.g. "--data - -o -"): Ray works on a whole input, so it refuses them."""
+    args = dict(args)
+    engine = Engine.of(args.pop("engine"))
+    if engine.is_ray and follows:
+        raise UsageError(
+            f"--engine ray works on a whole input: {follows} follows standard input as it arrives, which "
+            "the local engine does (or write to a file or folder: Ray then reads all of standard input first)"
+        )
+    with RaySession(engine) if engine.is_ray else contextlib.nullcontext() as session:
+        return run(**args, session=session)
 
 
 def import_ray():

@@ -25,7 +25,7 @@ from cvfm.data.sources import open_source
 from cvfm.errors import UsageError
 from cvfm.models.amg import AutoSettings, generate_masks_batch
 from cvfm.runtime.device import default_device
-from cvfm.runtime.engine import Engine, RaySession, open_engine
+from cvfm.runtime.engine import Engine, RaySession, with_engine
 from cvfm.runtime.precision import autocast, precision_name, resolve_precision
 from cvfm.runtime.progress import log, progress
 from cvfm.segment.per_image import image_fields, output_folder, overlay
@@ -56,9 +56,7 @@ def segment_auto(
     """Masks of every image of `data` into `output` (a folder, or "-" for one JSON line per image with its
     `id`, `image` and `masks`); returns a summary. `engine` "ray" segments on Ray (decoding as tasks, the
     model in actors; see `cvfm.runtime.engine`): the same files."""
-    args = {k: v for k, v in locals().items() if k != "engine"}  # first: the arguments alone
-    with open_engine(engine) as session:
-        return _segment_auto(**args, session=session)
+    return with_engine(_segment_auto, locals())
 
 
 def _segment_auto(
