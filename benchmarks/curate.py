@@ -306,7 +306,8 @@ def ensure_pool(work: Path, spec: PoolSpec) -> dict:
 # The curation embedders: the pool's own SimCLR (cvfm's defaults, random resized crops of 8-100%), the same
 # with crops of 60-100% only (closer to a copy detector's invariances, as SSCD trains its descriptor), and
 # the raw pixels. name -> --opt of `cvfm pretrain` (None: not trained, the registry model named).
-EMBEDDERS = {"ssl": [], "ssl-mild": ["min_scale=0.6"], "pixels": None}
+# name: (pretrain options, epochs as a multiple of --embed-epochs), or None for a registry model
+EMBEDDERS = {"ssl": ([], 1), "ssl-mild": (["min_scale=0.6"], 1), "ssl-long": ([], 4), "pixels": None}
 
 
 def pretrain(work: Path, data, out: Path, method: str, epochs: int, seed: int, opts: list, args) -> dict:
@@ -320,13 +321,14 @@ def pretrain(work: Path, data, out: Path, method: str, epochs: int, seed: int, o
 def ensure_embedder(work: Path, name: str, args) -> Path | str:
     """The embedder `name`: a registry model, or a run folder of the pool's own self-supervised model
     (trained unless there)."""
-    opts = EMBEDDERS[name]
-    if opts is None:
+    if EMBEDDERS[name] is None:
         return f"cvfm/{name}"
+    opts, times = EMBEDDERS[name]
+    epochs = times * args.embed_epochs
     run = work / f"embedder-{name}"
     if not (run / "backbone").exists():
-        say(f"[embed] {name}: {args.embed_method} {' '.join(opts)} on the pool, {args.embed_epochs} epochs")
-        pretrain(work, work / "pool" / "pool.jsonl", run, args.embed_method, args.embed_epochs, 0, opts, args)
+        say(f"[embed] {name}: {args.embed_method} {' '.join(opts)} on the pool, {epochs} epochs")
+        pretrain(work, work / "pool" / "pool.jsonl", run, args.embed_method, epochs, 0, opts, args)
     return run
 
 
@@ -580,23 +582,31 @@ def random_subset(work: Path, truth: dict, n: int, seed: int) -> Path:
     )
 
 
-def curated_subset(work: Path, emb: dict, args) -> tuple[Path, dict]:
-    """Dedup (the command's default eps) -> decontaminate -> cluster -> balanced sample of N, each step on
-    the previous one's kept.jsonl (embedded again by the step, with the curation embedder); the manifest
-    and each step's kept count."""
-    model = ["--model", emb["model"], "--num-workers", args.num_workers]
-    out, _ = step(work, "subset/curated/dedup", ["dedup", emb["pool"]], args.threads)
+def curated_subset(work: Path, copies: dict, semantic: dict, args) -> tuple[Path, dict]:
+    """Dedup (the command's default eps) -> decontaminate, with the copy embedder `copies`, then cluster ->
+    balanced sample of N with the semantic embedder `semantic` (DINOv2 deduplicates with a copy-detection
+    descriptor and clusters with its SSL model), each step on the previous one's kept.jsonl (embedded
+    again by the step); the manifest and each step's kept count."""
+    base = f"subset/{curated_arm(args)}"
+    model = ["--model", copies["model"], "--num-workers", args.num_workers]
+    out, _ = step(work, f"{base}/dedup", ["dedup", copies["pool"]], args.threads)
     kept = {"dedup": out / "kept.jsonl"}
-    command = ["decontaminate", kept["dedup"], "--against", emb["test"], *model]
-    out, _ = step(work, "subset/curated/decontaminate", command, args.threads)
+    command = ["decontaminate", kept["dedup"], "--against", copies["test"], *model]
+    out, _ = step(work, f"{base}/decontaminate", command, args.threads)
     kept["decontaminate"] = out / "kept.jsonl"
+    model = ["--model", semantic["model"], "--num-workers", args.num_workers]
     command = ["cluster", kept["decontaminate"], "--levels", args.levels, *model]
-    out, _ = step(work, "subset/curated/cluster", command, args.threads)
+    out, _ = step(work, f"{base}/cluster", command, args.threads)
     command = ["sample", out, "--target", args.subset_size]
-    out, _ = step(work, "subset/curated/sample", command, args.threads)
+    out, _ = step(work, f"{base}/sample", command, args.threads)
     kept["sample"] = out / "kept.jsonl"
     counts = {name: len(read_manifest(path)) for name, path in kept.items()}
     return kept["sample"], counts
+
+
+def curated_arm(args) -> str:
+    """The curated arm's name: its copy and semantic embedders (runs of other choices are kept apart)."""
+    return f"curated-{args.curate_embedder}-{args.cluster_embedder}"
 
 
 def pretrain_and_score(work: Path, arm: str, manifest: Path, seed: int, args) -> dict:
@@ -631,14 +641,15 @@ def subset_part(work: Path, truth: dict, embeddings: dict, args) -> dict:
         rand = random_subset(work, truth, n, seed)
         compositions[f"random-seed{seed}"] = composition(truth, [r["id"] for r in read_manifest(rand)])
         runs.append(pretrain_and_score(work, "random", rand, seed, args))
-    curated, kept_counts = curated_subset(work, embeddings[args.curate_embedder], args)
+    copies, semantic = embeddings[args.curate_embedder], embeddings[args.cluster_embedder]
+    curated, kept_counts = curated_subset(work, copies, semantic, args)
     curated_ids = [r["id"] for r in read_manifest(curated)]
     compositions["curated"] = composition(truth, curated_ids)
     if len(curated_ids) != n:
         say(f"(the curated sample holds {len(curated_ids)} items, not {n}: the sizes differ)")
     for seed in args.seeds:
-        runs.append(pretrain_and_score(work, "curated", curated, seed, args))
-    scores = {arm: [r["knn_top1"] for r in runs if r["arm"] == arm] for arm in ("curated", "random")}
+        runs.append(pretrain_and_score(work, curated_arm(args), curated, seed, args))
+    scores = {arm: [r["knn_top1"] for r in runs if r["arm"].startswith(arm)] for arm in ("curated", "random")}
     gaps = [c - r for c, r in zip(scores["curated"], scores["random"], strict=True)]
     return {
         "size": n,
@@ -661,7 +672,7 @@ def subset_table(r: dict, args) -> str:
         knn = [
             x["knn_top1"]
             for x in r["runs"]
-            if x["arm"] == arm and (arm == "curated" or name.endswith(f"seed{x['seed']}"))
+            if x["arm"].startswith(arm) and (arm == "curated" or name.endswith(f"seed{x['seed']}"))
         ]
         rows.append(
             [
@@ -844,6 +855,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         " at some eps in the measured table; the 10-epoch SimCLR embeddings group by class)",
     )
     g.add_argument(
+        "--cluster-embedder",
+        default="ssl",
+        help="the embedder the curated subset is clustered and sampled with (default ssl: the pool's own "
+        "SimCLR, whose embeddings group by class; DINOv2 also dedups with a copy descriptor and clusters "
+        "with its SSL model)",
+    )
+    g.add_argument(
         "--eps", default="0.01,0.02,0.05,0.1,0.15", help="dedup thresholds scored (comma-separated)"
     )
     g.add_argument("--subset-size", type=int, default=1000, help="N, the size of both subsets (default 1000)")
@@ -860,11 +878,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.thresholds = [float(t) for t in args.thresholds.split(",")]
     args.scale_steps = [x for x in args.scale_steps.split(",") if x]
     args.embedders = [e for e in args.embedders.split(",") if e]
-    unknown = [e for e in {*args.embedders, args.curate_embedder} if e not in EMBEDDERS]
+    unknown = [
+        e for e in {*args.embedders, args.curate_embedder, args.cluster_embedder} if e not in EMBEDDERS
+    ]
     if unknown:
         p.error(f"unknown embedder(s) {', '.join(unknown)} (choose from {', '.join(EMBEDDERS)})")
-    if args.curate_embedder not in args.embedders:
-        args.embedders.append(args.curate_embedder)
+    args.embedders += [e for e in (args.curate_embedder, args.cluster_embedder) if e not in args.embedders]
     args.spec = PoolSpec(
         data=args.data,
         major_classes=args.major_classes,
