@@ -43,8 +43,8 @@ def _stdout_is_pipe() -> bool:
 app = typer.Typer(
     name="cvfm",
     cls=_Group,
-    help="Computer-vision foundation models from the command line: pre-train, fine-tune, embed, caption, "
-    "curate, evaluate.",
+    help="Computer-vision foundation models from the command line: pre-train, distill, fine-tune, unlearn, "
+    "embed, caption, segment, curate, evaluate.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
