@@ -118,7 +118,7 @@ def _embed(
     if procs.world > 1 and data == "-":
         raise UsageError("--data - (stdin) reaches one process only: use a manifest file with several")
     if session is not None:
-        Engine("ray").check_single_process(procs.world)
+        session.engine.check_single_process(procs.world)
         dev, amp = None, session.precision(precision)
     else:
         dev = torch.device(device) if device else (procs.device or torch.device(default_device()))
