@@ -303,11 +303,20 @@ def ensure_pool(work: Path, spec: PoolSpec) -> dict:
     return build_pool(folder, spec)
 
 
-# The curation embedders: the pool's own SimCLR (cvfm's defaults, random resized crops of 8-100%), the same
-# with crops of 60-100% only (closer to a copy detector's invariances, as SSCD trains its descriptor), and
-# the raw pixels. name -> --opt of `cvfm pretrain` (None: not trained, the registry model named).
-# name: (pretrain options, epochs as a multiple of --embed-epochs), or None for a registry model
-EMBEDDERS = {"ssl": ([], 1), "ssl-mild": (["min_scale=0.6"], 1), "ssl-long": ([], 4), "pixels": None}
+# The curation embedders: the pool's own SimCLR (--embed-method, cvfm's defaults, random resized crops of
+# 8-100%), the same with crops of 60-100% only ("ssl-mild"), or 4x as long ("ssl-long"); the pool's own
+# copy-detection descriptor (SSCD: InfoNCE at temperature 0.05 + its entropy regulariser, on copy edits),
+# with its crops of 8-100% or, 3x as long, with crops of 50-100% ("sscd-mild"); and the raw pixels.
+# name: (method (None: --embed-method), pretrain options, epochs as a multiple of --embed-epochs), or None
+# for a registry model.
+EMBEDDERS = {
+    "ssl": (None, [], 1),
+    "ssl-mild": (None, ["min_scale=0.6"], 1),
+    "ssl-long": (None, [], 4),
+    "sscd": ("sscd", [], 1),
+    "sscd-mild": ("sscd", ["min_scale=0.5"], 3),
+    "pixels": None,
+}
 
 
 def pretrain(work: Path, data, out: Path, method: str, epochs: int, seed: int, opts: list, args) -> dict:
@@ -323,12 +332,13 @@ def ensure_embedder(work: Path, name: str, args) -> Path | str:
     (trained unless there)."""
     if EMBEDDERS[name] is None:
         return f"cvfm/{name}"
-    opts, times = EMBEDDERS[name]
+    method, opts, times = EMBEDDERS[name]
+    method = method or args.embed_method
     epochs = times * args.embed_epochs
     run = work / f"embedder-{name}"
     if not (run / "backbone").exists():
-        say(f"[embed] {name}: {args.embed_method} {' '.join(opts)} on the pool, {epochs} epochs")
-        pretrain(work, work / "pool" / "pool.jsonl", run, args.embed_method, epochs, 0, opts, args)
+        say(f"[embed] {name}: {method} {' '.join(opts)} on the pool, {epochs} epochs")
+        pretrain(work, work / "pool" / "pool.jsonl", run, method, epochs, 0, opts, args)
     return run
 
 
@@ -433,15 +443,19 @@ def dropped_ids(out: Path, column: str = "kept") -> set[str]:
 
 
 def step(work: Path, name: str, args: list, threads: int, timed: bool = False) -> tuple[Path, dict]:
-    """Run `cvfm curate ARGS -o work/NAME` unless its decisions are there; (output folder, run info)."""
+    """Run `cvfm curate ARGS -o work/NAME` unless its decisions from the same ARGS are there; (output
+    folder, run info)."""
     out = work / name
     info_file = out.with_name(f"{out.name}.run.json")
+    command = [str(a) for a in args]
     if (out / "decisions.parquet").exists() and info_file.exists():
-        return out, json.loads(info_file.read_text())
+        info = json.loads(info_file.read_text())
+        if info.get("args") == command:
+            return out, info
     if out.exists():
-        shutil.rmtree(out)  # left by a run cut short
+        shutil.rmtree(out)  # left by a run cut short, or by other arguments
     log = work / "logs" / f"{name.replace('/', '-')}.log"
-    info = cvfm(["curate", *args, "-o", out], log, threads, timed=timed)
+    info = {**cvfm(["curate", *args, "-o", out], log, threads, timed=timed), "args": command}
     info_file.write_text(json.dumps(info) + "\n")
     return out, info
 
@@ -464,6 +478,83 @@ def dedup_part(work: Path, truth: dict, embeddings: dict, args) -> dict:
                 {"embedder": name, "threshold": t, **scores, "wall_s": info["wall_s"]}
             )
     return rows
+
+
+ZOOMS = (1.0, 1.08, 1.16, 1.25, 1.35)  # the crop edit takes 1-3 px a side of 28: a zoom of up to 1.3
+
+
+def _aligned_pixels(images: list[Image.Image], size: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Grey `size` px pixels as unit mean-centred rows, and the same for each flip x zoom of every image."""
+
+    def unit(rows: list[np.ndarray]) -> np.ndarray:
+        a = np.stack(rows).astype(np.float64)
+        a -= a.mean(axis=1, keepdims=True)
+        return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+
+    grey = [im.convert("L").resize((size, size), Image.BILINEAR) for im in images]
+    plain = unit([np.asarray(g, dtype=np.float64).ravel() for g in grey])
+    variants = []
+    for flip in (False, True):
+        for zoom in ZOOMS:
+            m = (size - size / zoom) / 2
+            box = (m, m, size - m, size - m)
+            edited = [(g.transpose(Image.FLIP_LEFT_RIGHT) if flip else g) for g in grey]
+            variants.append(
+                unit([np.asarray(e.resize((size, size), Image.BILINEAR, box=box)).ravel() for e in edited])
+            )
+    return plain, variants
+
+
+def copy_separability(work: Path, truth: dict, size: int = 28) -> dict:
+    """How far the injected edits move an image against how close distinct originals already are, with a
+    matcher that knows the edit family: the cosine of grey pixels, maximised over a flip and zooms of
+    either image (an upper bound for a pixel-level copy detector). Per transform, quantiles of a near copy's
+    similarity to its original; the quantiles of each original's similarity to its nearest other original;
+    and per threshold, the share of near copies it finds against the share of originals it pairs with
+    another original (a false duplicate)."""
+    items = truth["items"]
+    images = [Image.open(work / "pool" / r["image"]) for r in items]
+    plain, variants = _aligned_pixels(images, size)
+    sim = np.max([plain @ v.T for v in variants], axis=0)
+    sim = np.maximum(sim, sim.T)
+    np.fill_diagonal(sim, -1.0)
+    row = {r["id"]: i for i, r in enumerate(items)}
+    copies: dict[str, list[float]] = {}
+    for r in items:
+        if r["kind"] == "near":
+            copies.setdefault(r["transform"], []).append(float(sim[row[r["id"]], row[r["source"]]]))
+    originals = np.array([i for i, r in enumerate(items) if r["kind"] == "original"])
+    nearest = sim[np.ix_(originals, originals)].max(axis=1)
+    found = np.concatenate([np.array(v) for v in copies.values()]) if copies else np.zeros(0)
+    return {
+        "copy_to_original": {
+            t: np.percentile(v, [5, 25, 50]).round(3).tolist() for t, v in sorted(copies.items())
+        },
+        "original_to_nearest_original": np.percentile(nearest, [50, 90, 95, 99]).round(3).tolist(),
+        "by_threshold": [
+            {
+                "threshold": t,
+                "copies_found": float(np.mean(found >= t)),
+                "originals_paired": float(np.mean(nearest >= t)),
+            }
+            for t in (0.9, 0.93, 0.95, 0.97, 0.98)
+        ],
+    }
+
+
+def separability_table(r: dict) -> str:
+    quantiles = ", ".join(
+        f"{t} {v[0]:.3f} / {v[1]:.3f} / {v[2]:.3f}" for t, v in r["copy_to_original"].items()
+    )
+    q = r["original_to_nearest_original"]
+    rows = [[x["threshold"], x["copies_found"], x["originals_paired"]] for x in r["by_threshold"]]
+    title = (
+        "Separability with a matcher that knows the edits (grey pixels, cosine maximised over flip x zoom):"
+        f" a near copy's similarity to its original, 5th / 25th / 50th percentile: {quantiles}; an original's"
+        " to its nearest other original, 50th / 90th / 95th / 99th: "
+        f"{q[0]:.3f} / {q[1]:.3f} / {q[2]:.3f} / {q[3]:.3f}"
+    )
+    return fmt_table(["threshold", "near copies found", "originals paired with another"], rows, title)
 
 
 def dedup_tables(rows: dict) -> list[str]:
@@ -582,6 +673,28 @@ def random_subset(work: Path, truth: dict, n: int, seed: int) -> Path:
     )
 
 
+def oracle_subset(work: Path, truth: dict, n: int) -> Path:
+    """The ceiling of any curation: `n` originals only (no injected or test copies), as class-balanced as
+    the pool allows by the true labels (each class up to an equal share, the rest spread over the larger
+    classes), drawn with seed 0 within each class."""
+    pool = {r["id"]: r for r in read_manifest(work / "pool" / "pool.jsonl")}
+    by_class: dict[str, list[str]] = {}
+    for r in truth["items"]:
+        if r["kind"] == "original":
+            by_class.setdefault(r["label"], []).append(r["id"])
+    quota, left, open_classes = {c: 0 for c in by_class}, n, sorted(by_class)
+    while left and open_classes:  # water-filling: equal shares, capped by what each class holds
+        share = max(1, left // len(open_classes))
+        for c in list(open_classes):
+            take = min(share, len(by_class[c]) - quota[c], left)
+            quota[c], left = quota[c] + take, left - take
+            if quota[c] == len(by_class[c]):
+                open_classes.remove(c)
+    rng = np.random.default_rng(0)
+    chosen = sorted(i for c, ids in by_class.items() for i in rng.permutation(sorted(ids))[: quota[c]])
+    return write_manifest(work / "subset" / "oracle.jsonl", [pool[i] for i in chosen], work / "pool")
+
+
 def curated_subset(work: Path, copies: dict, semantic: dict, args) -> tuple[Path, dict]:
     """Dedup (the command's default eps) -> decontaminate, with the copy embedder `copies`, then cluster ->
     balanced sample of N with the semantic embedder `semantic` (DINOv2 deduplicates with a copy-detection
@@ -649,8 +762,15 @@ def subset_part(work: Path, truth: dict, embeddings: dict, args) -> dict:
         say(f"(the curated sample holds {len(curated_ids)} items, not {n}: the sizes differ)")
     for seed in args.seeds:
         runs.append(pretrain_and_score(work, curated_arm(args), curated, seed, args))
-    scores = {arm: [r["knn_top1"] for r in runs if r["arm"].startswith(arm)] for arm in ("curated", "random")}
+    if args.oracle:
+        oracle = oracle_subset(work, truth, n)
+        compositions["oracle"] = composition(truth, [r["id"] for r in read_manifest(oracle)])
+        for seed in args.seeds:
+            runs.append(pretrain_and_score(work, "oracle", oracle, seed, args))
+    arms = ("curated", "random", "oracle") if args.oracle else ("curated", "random")
+    scores = {arm: [r["knn_top1"] for r in runs if r["arm"].startswith(arm)] for arm in arms}
     gaps = [c - r for c, r in zip(scores["curated"], scores["random"], strict=True)]
+    ceiling = [o - r for o, r in zip(scores.get("oracle", []), scores["random"], strict=True)]
     return {
         "size": n,
         "curated_size": len(curated_ids),
@@ -661,6 +781,7 @@ def subset_part(work: Path, truth: dict, embeddings: dict, args) -> dict:
         "std": {arm: float(np.std(v)) for arm, v in scores.items()},
         "gap_mean": float(np.mean(gaps)),
         "gap_std": float(np.std(gaps)),
+        "oracle_gap_mean": float(np.mean(ceiling)) if ceiling else None,
         "target_met": bool(np.mean(gaps) >= 3),
     }
 
@@ -672,7 +793,7 @@ def subset_table(r: dict, args) -> str:
         knn = [
             x["knn_top1"]
             for x in r["runs"]
-            if x["arm"].startswith(arm) and (arm == "curated" or name.endswith(f"seed{x['seed']}"))
+            if x["arm"].startswith(arm) and (arm != "random" or name.endswith(f"seed{x['seed']}"))
         ]
         rows.append(
             [
@@ -711,6 +832,12 @@ def subset_table(r: dict, args) -> str:
     return table + (
         f"\ncurated {m['curated']:.2f} ± {s['curated']:.2f}, random {m['random']:.2f} ± {s['random']:.2f}: "
         f"gap {r['gap_mean']:+.2f} ± {r['gap_std']:.2f} k-NN points ({verdict} the target of +3)"
+        + (
+            f"\noracle (originals only, balanced by the true labels: the ceiling of curation) "
+            f"{m['oracle']:.2f} ± {s['oracle']:.2f}: {r['oracle_gap_mean']:+.2f} over random"
+            if r.get("oracle_gap_mean") is not None
+            else ""
+        )
     )
 
 
@@ -867,6 +994,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--subset-size", type=int, default=1000, help="N, the size of both subsets (default 1000)")
     g.add_argument("--levels", default="100,20", help="the curated subset's cluster levels (default 100,20)")
     g.add_argument("--seeds", default="0,1", help="pre-training seeds of each subset (default 0,1)")
+    g.add_argument(
+        "--no-oracle",
+        dest="oracle",
+        action="store_false",
+        help="skip the oracle arm (originals only, balanced by the true labels: the ceiling of curation)",
+    )
     g = p.add_argument_group("scale")
     g.add_argument("--scale-rows", type=int, default=1_000_000)
     g.add_argument("--scale-dim", type=int, default=256)
@@ -913,7 +1046,9 @@ def main(argv=None) -> int:
     if "dedup" in parts:
         results["dedup"] = dedup_part(work, truth, embeddings, args)
         tables += dedup_tables(results["dedup"])
-        say("\n" + "\n\n".join(tables[-2:]) + "\n")
+        results["separability"] = copy_separability(work, truth)
+        tables.append(separability_table(results["separability"]))
+        say("\n" + "\n\n".join(tables[-3:]) + "\n")
     if "subset" in parts:
         results["subset"] = subset_part(work, truth, embeddings, args)
         tables.append(subset_table(results["subset"], args))

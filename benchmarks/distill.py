@@ -148,18 +148,40 @@ def config_of(args) -> dict:
     return {**{k: getattr(args, k) for k in keys}, "dino_options": ssl_bench.method_options("dino", args)}
 
 
+TEACHER_KEYS = ("data", "teacher", "teacher_epochs", "batch_size", "dino_options")
+
+
+def teacher_config(config: dict) -> dict:
+    """What the teacher run depends on: runs of other distillation settings share it."""
+    return {k: config[k] for k in TEACHER_KEYS}
+
+
+def _digest(config: dict) -> str:
+    return hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
+
+
 def benchmark(args, workdir: Path) -> list[dict]:
     """Steps 1-6 of the protocol for every seed; each finished run goes to args.results at once. Run
     folders are named by the configuration's digest: another configuration never overwrites them."""
     results = Path(args.results)
     results.parent.mkdir(parents=True, exist_ok=True)
     config = config_of(args)
-    workdir = workdir / hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
-    records = [r for r in ssl_bench.load_records(results) if r["config"] == config]
+    teachers_dir = workdir / _digest(teacher_config(config))
+    workdir = workdir / _digest(config)
+    everything = ssl_bench.load_records(results)
+    records = [r for r in everything if r["config"] == config]
+    records += [
+        r
+        for r in everything
+        if r["role"] == "teacher"
+        and r["config"] != config
+        and teacher_config(r["config"]) == teacher_config(config)
+    ]
     say(f"[distill] {len(records)} finished run(s) reused from {results}")
 
     def do(role: str, seed: int, train, *train_args) -> dict:
-        """The record of `role` for `seed`: from the results file, or `train(*train_args)` then scored."""
+        """The record of `role` for `seed`: from the results file (a teacher of the same teacher settings),
+        or `train(*train_args)` then scored."""
         found = [r for r in records if r["role"] == role and r["seed"] == seed]
         if found:
             return found[0]
@@ -176,7 +198,14 @@ def benchmark(args, workdir: Path) -> list[dict]:
 
     for seed in args.seeds:
         teacher = do(
-            "teacher", seed, dino, args.teacher, args.teacher_epochs, workdir / f"teacher-{seed}", seed, args
+            "teacher",
+            seed,
+            dino,
+            args.teacher,
+            args.teacher_epochs,
+            teachers_dir / f"teacher-{seed}",
+            seed,
+            args,
         )
         if not Path(teacher["model"], "backbone").is_dir():
             raise SystemExit(f"the teacher run {teacher['model']} is gone: delete its line in {results}")
@@ -346,6 +375,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", default="0", help="comma-separated training seeds (default 0)")
     p.add_argument(
         "--dino-local-crops",
+        dest="local_crops",
         type=int,
         default=0,
         help="DINO local crops (default 0, the 2 global crops only; cvfm's own default is 8)",

@@ -150,3 +150,30 @@ def test_decontamination_scores():
     assert (s["test_copies"], s["recall"], s["wrongly_dropped"], s["clean_items"]) == (1, 1.0, 2, 6)
     assert s["wrongly_dropped_by_kind"] == {"near": 1, "original": 1}
     assert bench.decontamination_scores(TRUTH, {"a"})["recall"] == 0.0
+
+
+def test_copy_separability_finds_flipped_copies_and_pairs_twin_originals(tmp_path):
+    """Three distinct random originals, a flipped copy of the first and a twin of the second (a second
+    original with the same pixels but one): the flip scores 1.0 against its original, the twins pair
+    each other at every threshold, the third original pairs with nothing."""
+    rng = np.random.default_rng(0)
+    pixels = [rng.integers(0, 256, (28, 28), dtype=np.uint8) for _ in range(3)]
+    twin = pixels[1].copy()
+    twin[0, 0] ^= 1
+    images = {"a": pixels[0], "b": pixels[1], "c": pixels[2], "b2": twin, "a-flip": pixels[0][:, ::-1]}
+    (tmp_path / "pool").mkdir()
+    for name, p in images.items():
+        Image.fromarray(np.ascontiguousarray(p)).save(tmp_path / "pool" / f"{name}.png")
+    kinds = {"a-flip": ("near", "a", "flip")}
+    truth = {
+        "items": [
+            {"id": n, "image": f"{n}.png", "kind": kinds.get(n, ("original",))[0]}
+            | ({"source": kinds[n][1], "transform": kinds[n][2]} if n in kinds else {"source": None})
+            for n in images
+        ]
+    }
+    r = bench.copy_separability(tmp_path, truth)
+    assert r["copy_to_original"]["flip"] == [1.0, 1.0, 1.0]
+    assert {x["threshold"]: x["copies_found"] for x in r["by_threshold"]}[0.98] == 1.0
+    # originals a, b, c, b2: the twins b and b2 pair at every threshold, a and c with nothing
+    assert all(x["originals_paired"] == 0.5 for x in r["by_threshold"])

@@ -1,8 +1,9 @@
-"""Cross-process parts of the losses (SimCLR negatives, CLIP features) and BatchNorm over the global batch,
+"""Cross-process parts of the losses (SimCLR and SSCD negatives, CLIP features) and BatchNorm over the global batch,
 run with two real gloo processes on the CPU."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -11,16 +12,22 @@ from torch import nn
 
 from cvfm.methods.clip import clip_loss
 from cvfm.methods.simclr import nt_xent
+from cvfm.methods.sscd import sscd_loss
 from cvfm.runtime.batchnorm import GlobalBatchNorm
 
+LOSSES = {
+    "simclr": lambda a, b: nt_xent(a, b, 0.2),
+    "sscd": lambda a, b: sum(sscd_loss(a, b, 0.05, 30.0)),  # InfoNCE + entropy over every process's views
+}
 
-def _worker(rank: int, init_file: str, z1: torch.Tensor, z2: torch.Tensor, out: dict) -> None:
+
+def _worker(rank: int, init_file: str, name: str, z1: torch.Tensor, z2: torch.Tensor, out: dict) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         half = z1.shape[0] // 2
         mine = slice(rank * half, (rank + 1) * half)
         a, b = z1[mine].clone().requires_grad_(True), z2[mine].clone().requires_grad_(True)
-        loss = nt_xent(a, b, 0.2)
+        loss = LOSSES[name](a, b)
         loss.backward()
         out["loss"][rank] = loss.detach()
         out["z1_grad"][mine] = a.grad
@@ -29,7 +36,8 @@ def _worker(rank: int, init_file: str, z1: torch.Tensor, z2: torch.Tensor, out: 
         dist.destroy_process_group()
 
 
-def test_simclr_negatives_gathered_across_processes_match_one_big_batch(tmp_path):
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_contrastive_negatives_gathered_across_processes_match_one_big_batch(tmp_path, name):
     torch.manual_seed(0)
     z1, z2 = torch.randn(8, 16), torch.randn(8, 16)
     out = {
@@ -37,11 +45,11 @@ def test_simclr_negatives_gathered_across_processes_match_one_big_batch(tmp_path
         "z1_grad": torch.zeros(8, 16).share_memory_(),
         "z2_grad": torch.zeros(8, 16).share_memory_(),
     }
-    mp.spawn(_worker, args=(str(tmp_path / "init"), z1, z2, out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(str(tmp_path / "init"), name, z1, z2, out), nprocs=2, join=True)
 
     # One process with the whole batch: each anchor sees the same 2N - 2 negatives.
     a, b = z1.clone().requires_grad_(True), z2.clone().requires_grad_(True)
-    whole = nt_xent(a, b, 0.2)
+    whole = LOSSES[name](a, b)
     whole.backward()
     torch.testing.assert_close(out["loss"].mean(), whole.detach(), atol=1e-5, rtol=1e-5)
     # all_gather's backward sums every process's gradient for a slice: each process holds the gradient of

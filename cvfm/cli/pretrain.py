@@ -16,7 +16,7 @@ def pretrain(
         "--method",
         "-m",
         help="simclr, byol, dino; ibot, dinov2 (DINO + masked patch tokens) and mae (masked autoencoder), "
-        "on a ViT; clip (image-text); blip-captioner, "
+        "on a ViT; sscd (a copy-detection descriptor, for curate dedup); clip (image-text); blip-captioner, "
         "blip-filter (BLIP fine-tuning); supervised (a classifier on the labels, as cvfm finetune).",
     ),
     model: str = typer.Option(
@@ -92,6 +92,8 @@ def pretrain(
       cvfm pretrain -d builtin:animal-mnist --split train -m mae --opt reconstructions=8 -o runs/mae
 
       cvfm pretrain -d builtin:animal-mnist --split train -m dinov2 --opt sinkhorn_knopp=false -o runs/dinov2
+
+      cvfm pretrain --data photos/ --method sscd --epochs 30 -o runs/copy-detector
 
       cvfm pretrain --data builtin:animal-captions --split train --method clip -o runs/clip
 

@@ -75,6 +75,30 @@ def multi_crop(
     return MultiView([g1, g2] + [local] * local_crops)
 
 
+def copy_edit(pre: Preprocess, *, min_scale: float = 0.08, jpeg_p: float = 0.2) -> T.Compose:
+    """SSCD's "advanced" copy edits (sscd/transforms/settings.py) less its text and emoji overlays: a flip,
+    a quarter turn (p 0.05), any rotation (p 0.05), a random resized crop, colour jitter 0.8/0.8/0.8/0.2
+    (p 0.8), grayscale (p 0.2), blur of radius 1-5 (p 0.5; 64 px and more), JPEG at quality 1-100."""
+    quarter_turns = [T.RandomRotation((angle, angle)) for angle in (90, 180, 270)]
+    ops = [
+        T.ToImage(),
+        T.RandomHorizontalFlip(),
+        T.RandomApply([T.RandomChoice(quarter_turns)], p=0.05),
+        T.RandomApply([T.RandomRotation((0, 359))], p=0.05),
+        T.RandomResizedCrop(
+            pre.size, scale=(min_scale, 1.0), interpolation=InterpolationMode.BICUBIC, antialias=True
+        ),
+        T.RandomApply([T.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+    ]
+    if pre.size >= 64:
+        ops.append(T.RandomApply([T.GaussianBlur(max(3, (pre.size // 10) | 1), sigma=(1.0, 5.0))], p=0.5))
+    if jpeg_p > 0:
+        ops.append(T.RandomApply([T.JPEG((1, 100))], p=jpeg_p))
+    ops += [T.ToDtype(torch.float32, scale=True), T.Normalize(pre.mean, pre.std)]
+    return T.Compose(ops)
+
+
 def crop_flip(pre: Preprocess, *, min_scale: float = 0.2) -> MultiView:
     """MAE's one view (main_pretrain.py): a random resized crop (bicubic, scale 0.2-1) and a horizontal flip;
     no colour changes."""

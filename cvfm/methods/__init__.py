@@ -11,6 +11,7 @@ from cvfm.methods.dinov2 import DINOv2, DINOv2Config
 from cvfm.methods.ibot import IBOT, IBOTConfig
 from cvfm.methods.mae import MAE, MAEConfig
 from cvfm.methods.simclr import SimCLR, SimCLRConfig
+from cvfm.methods.sscd import SSCD, SSCDConfig
 from cvfm.methods.supervised import Supervised, SupervisedConfig
 
 METHODS: dict[str, tuple[type[Method], type]] = {
@@ -20,6 +21,7 @@ METHODS: dict[str, tuple[type[Method], type]] = {
     "ibot": (IBOT, IBOTConfig),
     "dinov2": (DINOv2, DINOv2Config),
     "mae": (MAE, MAEConfig),
+    "sscd": (SSCD, SSCDConfig),  # a copy-detection descriptor, for `cvfm curate dedup`
     "clip": (CLIP, CLIPConfig),
     "blip-captioner": (BLIPCaptioner, BLIPCaptionerConfig),  # BLIP fine-tuning before CapFilt
     "blip-filter": (BLIPFilter, BLIPFilterConfig),

@@ -200,6 +200,14 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(all_gather(x), dim=0)
 
 
+def gather_rows(z: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Every process's rows of `z` (equal-sized; gradients kept for this process's), and the index where
+    this process's rows start among them (0 on one process)."""
+    everyone = gather_with_grad(z)
+    offset = dist.get_rank() * z.shape[0] if everyone.shape[0] != z.shape[0] else 0
+    return everyone, offset
+
+
 @torch.no_grad()
 def feature_std(z: torch.Tensor) -> float:
     """Mean per-dimension std of L2-normalised features: 0 means collapse, ~1/sqrt(D) is healthy."""

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from cvfm.data.views import MultiView, two_views
-from cvfm.methods.base import Method, feature_std, gather_with_grad, mlp
+from cvfm.methods.base import Method, feature_std, gather_rows, mlp
 
 
 @dataclass
@@ -26,12 +26,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
     """
     z = F.normalize(torch.cat([z1, z2]), dim=1)
     n = z1.shape[0]
-    everyone = gather_with_grad(z)
-    offset = 0
-    if everyone.shape[0] != z.shape[0]:  # this process's rows sit at rank * 2n
-        import torch.distributed as dist
-
-        offset = dist.get_rank() * 2 * n
+    everyone, offset = gather_rows(z)
     logits = z @ everyone.T / temperature
     rows = torch.arange(2 * n, device=z.device)
     logits[rows, rows + offset] = float("-inf")  # no self-similarity

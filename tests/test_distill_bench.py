@@ -1,0 +1,36 @@
+"""benchmarks/distill.py's protocol pieces: its configuration from the command line (a run once failed
+there), the teacher shared by runs of other distillation settings, and the matched from-scratch budget."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "distill.py"
+_spec = importlib.util.spec_from_file_location("distill_bench", _PATH)
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+def test_config_of_the_default_command_line_names_the_dino_options():
+    config = bench.config_of(bench.parse_args([]))
+    assert config["dino_options"] == {"local_crops": "0"}
+    assert config["teacher"] == "cvfm/small-resnet" and config["student"] == "cvfm/tiny-resnet"
+    wider = bench.config_of(
+        bench.parse_args(["--dino-local-crops", "8", "--opt", "dino.momentum_teacher=0.999"])
+    )
+    assert wider["dino_options"] == {"local_crops": "8", "momentum_teacher": "0.999"}
+
+
+def test_a_teacher_is_shared_by_other_distillation_settings_only():
+    base = bench.config_of(bench.parse_args([]))
+    longer = bench.config_of(bench.parse_args(["--epochs", "30", "--loss", "feature", "--loss", "dino"]))
+    assert longer != base and bench.teacher_config(longer) == bench.teacher_config(base)
+    other_teacher = bench.config_of(bench.parse_args(["--teacher-epochs", "5"]))
+    assert bench.teacher_config(other_teacher) != bench.teacher_config(base)
+
+
+def test_matched_epochs_fill_the_distillation_wall_time():
+    calibration = {"train_s": 60.0, "epoch_s": 50.0}  # 10 s of start-up around one 50 s epoch
+    assert bench.matched_epochs(calibration, 210.0) == 4
+    assert bench.matched_epochs(calibration, 20.0) == 1  # never below one epoch
