@@ -1,5 +1,5 @@
-"""Cross-process parts of the losses (SimCLR and SSCD negatives, CLIP features) and BatchNorm over the global batch,
-run with two real gloo processes on the CPU."""
+"""Cross-process parts of the losses (SimCLR and SSCD negatives, CLIP features) and BatchNorm over the
+global batch, run with two real gloo processes on the CPU."""
 
 from __future__ import annotations
 
