@@ -279,8 +279,20 @@ def step_speed(teacher_run: str, args, steps: int, warmup: int) -> dict:
 def summary(records: list[dict], markdown: bool = False) -> str:
     """A table per benchmark configuration in `records`, and whether the targets are met."""
     parts = []
-    for config in {json.dumps(r["config"], sort_keys=True): r["config"] for r in records}.values():
+    students = {
+        json.dumps(r["config"], sort_keys=True): r["config"] for r in records if r["role"] != "teacher"
+    }
+    shared = {json.dumps(teacher_config(c), sort_keys=True) for c in students.values()}
+    lone = {
+        json.dumps(r["config"], sort_keys=True): r["config"]
+        for r in records
+        if r["role"] == "teacher" and json.dumps(teacher_config(r["config"]), sort_keys=True) not in shared
+    }
+    for config in {**students, **lone}.values():
         mine = [r for r in records if r["config"] == config]
+        if not any(r["role"] == "teacher" for r in mine):  # a teacher shared with other settings
+            same = teacher_config(config)
+            mine += [r for r in records if r["role"] == "teacher" and teacher_config(r["config"]) == same]
         by_role = {role: [r for r in mine if r["role"] == role] for role in (*ROLES, "calibration")}
         rows = []
         for role in ROLES:
@@ -334,6 +346,13 @@ def targets(by_role: dict[str, list[dict]]) -> list[str]:
     lines = [
         f"seed {kd['seed']}: distillation {kd['train_s']:.0f} s, from-scratch DINO {r['train_s']:.0f} s "
         f"({r['epochs']} epochs, from a {c['train_s']:.0f} s one-epoch calibration run)"
+        + (
+            f"; MISMATCHED: from scratch had {r['train_s'] / kd['train_s']:.2f}x the distillation's time "
+            "(the "
+            "machine's load changed between the runs: rerun on an idle machine)"
+            if abs(r["train_s"] / kd["train_s"] - 1) > 0.2 and r["epochs"] > 1
+            else ""
+        )
         for kd in by_role["distilled"]
         for r in by_role["from scratch"]
         for c in by_role["calibration"]

@@ -34,3 +34,35 @@ def test_matched_epochs_fill_the_distillation_wall_time():
     calibration = {"train_s": 60.0, "epoch_s": 50.0}  # 10 s of start-up around one 50 s epoch
     assert bench.matched_epochs(calibration, 210.0) == 4
     assert bench.matched_epochs(calibration, 20.0) == 1  # never below one epoch
+
+
+def _record(
+    config: dict, role: str, knn: float | None = None, train_s: float | None = None, epochs=None
+) -> dict:
+    record = {
+        "config": config,
+        "role": role,
+        "seed": 0,
+        "knn_top1": knn,
+        "linear_top1": knn,
+        "train_s": train_s,
+    }
+    return record | ({"epochs": epochs} if epochs else {})
+
+
+def test_summary_shows_a_shared_teacher_and_flags_a_mismatched_wall_time():
+    base = bench.config_of(bench.parse_args([]))
+    longer = bench.config_of(bench.parse_args(["--epochs", "30"]))
+    records = [
+        _record(base, "teacher", 88.0, 1000.0, 20),
+        _record(longer, "distilled", 86.0, 600.0, 30),
+        _record(longer, "calibration", None, 50.0, 1),
+        _record(longer, "from scratch", 80.0, 300.0, 12),  # half the distillation's time: not a fair match
+        _record(longer, "random init", 79.0),
+    ]
+    text = bench.summary(records)
+    assert text.count("\nteacher ") == 1 and "distilled 30 epochs" in text
+    assert "+6.00 k-NN points (meets >= +3); teacher - distilled: +2.00 (meets <= 3)" in text
+    assert "MISMATCHED: from scratch had 0.50x the distillation's time" in text
+    records[3]["train_s"] = 590.0
+    assert "MISMATCHED" not in bench.summary(records)
