@@ -19,6 +19,7 @@ from cvfm.data.preprocess import Preprocess
 
 def _augment(pre: Preprocess, size: int, scale: tuple[float, float], blur_p: float, solarize_p: float):
     ops = [
+        T.ToImage(),
         T.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC, antialias=True),
         T.RandomHorizontalFlip(),
         T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
@@ -29,13 +30,8 @@ def _augment(pre: Preprocess, size: int, scale: tuple[float, float], blur_p: flo
         ops.append(T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_p))
     if solarize_p > 0:
         ops.append(T.RandomSolarize(threshold=128, p=solarize_p))
-    return T.Compose(ops + _to_tensor(pre))
-
-
-def _to_tensor(pre: Preprocess) -> list:
-    """The end of every recipe. The edits before it run on the PIL image: at the small sizes of CPU runs
-    PIL's colour kernels take half the time of torchvision's tensor ones, and the loader is the bottleneck."""
-    return [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(pre.mean, pre.std)]
+    ops += [T.ToDtype(torch.float32, scale=True), T.Normalize(pre.mean, pre.std)]
+    return T.Compose(ops)
 
 
 class MultiView:
@@ -85,6 +81,7 @@ def copy_edit(pre: Preprocess, *, min_scale: float = 0.08, jpeg_p: float = 0.2) 
     (p 0.8), grayscale (p 0.2), blur of radius 1-5 (p 0.5; 64 px and more), JPEG at quality 1-100."""
     quarter_turns = [T.RandomRotation((angle, angle)) for angle in (90, 180, 270)]
     ops = [
+        T.ToImage(),
         T.RandomHorizontalFlip(),
         T.RandomApply([T.RandomChoice(quarter_turns)], p=0.05),
         T.RandomApply([T.RandomRotation((0, 359))], p=0.05),
@@ -98,7 +95,8 @@ def copy_edit(pre: Preprocess, *, min_scale: float = 0.08, jpeg_p: float = 0.2) 
         ops.append(T.RandomApply([T.GaussianBlur(max(3, (pre.size // 10) | 1), sigma=(1.0, 5.0))], p=0.5))
     if jpeg_p > 0:
         ops.append(T.RandomApply([T.JPEG((1, 100))], p=jpeg_p))
-    return T.Compose(ops + _to_tensor(pre))
+    ops += [T.ToDtype(torch.float32, scale=True), T.Normalize(pre.mean, pre.std)]
+    return T.Compose(ops)
 
 
 def crop_flip(pre: Preprocess, *, min_scale: float = 0.2) -> MultiView:
@@ -106,11 +104,13 @@ def crop_flip(pre: Preprocess, *, min_scale: float = 0.2) -> MultiView:
     no colour changes."""
     t = T.Compose(
         [
+            T.ToImage(),
             T.RandomResizedCrop(
                 pre.size, scale=(min_scale, 1.0), interpolation=InterpolationMode.BICUBIC, antialias=True
             ),
             T.RandomHorizontalFlip(),
-            *_to_tensor(pre),
+            T.ToDtype(torch.float32, scale=True),
+            T.Normalize(pre.mean, pre.std),
         ]
     )
     return MultiView([t])
