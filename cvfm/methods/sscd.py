@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from cvfm.data.views import MultiView, copy_edit
 from cvfm.methods.base import Method, feature_std, gather_rows
+from cvfm.methods.simclr import nt_xent
 
 
 @dataclass
@@ -38,18 +39,15 @@ def sscd_loss(
     z = F.normalize(torch.cat([z1, z2]), dim=1)
     n = z1.shape[0]
     everyone, offset = gather_rows(z)
-    similarity = z @ everyone.T
     rows = torch.arange(2 * n, device=z.device)
     image = torch.cat([rows[:n], rows[:n]])  # the image each local view comes from
     local = torch.arange(everyone.shape[0], device=z.device) - offset  # a column's local row, if it is one
     mine = (local >= 0) & (local < 2 * n)
     column_image = torch.where(mine, image[local.clamp(0, 2 * n - 1)], -1)
     same_image = image[:, None] == column_image[None, :]
-    logits = (similarity / temperature).masked_fill(local[None, :] == rows[:, None], float("-inf"))
-    positives = torch.cat([rows[n:], rows[:n]]) + offset
-    infonce = F.cross_entropy(logits, positives)
-    nearest_other = similarity.masked_fill(same_image, -100.0).max(dim=1).values
+    nearest_other = (z @ everyone.T).masked_fill(same_image, -100.0).max(dim=1).values
     distance = (2 - 2 * nearest_other).clamp(min=1e-6).sqrt()
+    infonce = nt_xent(z1, z2, temperature)  # with two views per image, SSCD's InfoNCE is SimCLR's NT-Xent
     return infonce, -distance.log().mean() * entropy_weight
 
 
