@@ -15,8 +15,9 @@ from torch import nn
 
 from cvfm.data.instances import decode_mask
 from cvfm.errors import UsageError
+from cvfm.models.amg import generator as amg_generator
 from cvfm.models.amg.crops import point_grid
-from cvfm.models.amg.generator import upscaled_candidates
+from cvfm.models.amg.generator import decoded_candidates
 from cvfm.models.amg.masks import mask_boxes, rle_area, stability_score, xyxy_to_xywh
 from cvfm.models.segmenter import ImageEmbedding, MaskPrediction
 from cvfm.registry import create_segmenter
@@ -230,7 +231,8 @@ def test_low_resolution_iou_filter_equals_filtering_at_full_resolution(tiny):
     points = torch.from_numpy(point_grid(4) * [203, 77])
     with torch.no_grad():
         emb = tiny.embed_image(tiny.preprocess.transform()(photo)[None], [(77, 203)])
-        logits, iou, kept_points = upscaled_candidates(tiny, emb, points, TINY.pred_iou_thresh)
+        low, iou, kept_points = decoded_candidates(tiny, emb, points, TINY.pred_iou_thresh)
+        logits = tiny.upscale(low[:, None], emb)[:, 0]
         # the reference: every candidate upscaled, then filtered by predicted IoU
         pred = tiny.decode(emb, points=points[:, None], multimask=True)
         each = tiny.upscale(pred.low_res_logits.flatten(0, 1)[:, None], emb)[:, 0]
@@ -289,10 +291,14 @@ class ReferencePredictor:
         return self.segmenter.upscale(pred.low_res_logits, self.embedding), pred.iou, pred.low_res_logits
 
 
-def test_records_equal_segment_anythings_own_generator(tiny):
+@pytest.mark.parametrize("pending_bytes", [amg_generator.PENDING_BYTES, 0])
+def test_records_equal_segment_anythings_own_generator(tiny, pending_bytes, monkeypatch):
     """segment-anything's SamAutomaticMaskGenerator (pip segment-anything) on the same segmenter gives the
-    same records, value for value (the dev extra installs segment-anything)."""
+    same records, value for value (the dev extra installs segment-anything); also when the memory budget
+    makes every batch encode its masks at once instead of after NMS."""
     import segment_anything.automatic_mask_generator as reference
+
+    monkeypatch.setattr(amg_generator, "PENDING_BYTES", pending_bytes)
 
     cases = [
         (ColourSegmenter(), _scene(speck=True), replace(FAKE, crop_n_layers=1, min_mask_region_area=5)),

@@ -15,6 +15,7 @@ from cvfm.data.instances import decode_mask, encode_masks
 from cvfm.models.amg.crops import crop_boxes, layer_grids, near_crop_edge, point_grid
 from cvfm.models.amg.masks import (
     clean_small_regions,
+    extent_boxes,
     mask_boxes,
     nms,
     remove_small_regions,
@@ -63,6 +64,13 @@ def test_boxes_are_inclusive_and_xywh_is_one_short_of_pycocotools():
     one[0, 2:5, 3:8] = True  # rows 2..4, columns 3..7
     assert mask_boxes(torch.from_numpy(one)).tolist() == [[3, 2, 7, 4]]
     assert xyxy_to_xywh([3, 2, 7, 4]) == [3, 2, 4, 2]
+
+
+def test_boxes_from_rows_and_columns_equal_boxes_from_masks():
+    masks = torch.from_numpy(_blobs(6, 37, 53, seed=2))  # the last one empty
+    assert torch.equal(extent_boxes(masks.any(2), masks.any(1)), mask_boxes(masks))
+    assert extent_boxes(masks.any(2), masks.any(1))[-1].tolist() == [0, 0, 0, 0]
+    assert extent_boxes(masks[:0].any(2), masks[:0].any(1)).shape == (0, 4)
 
 
 def test_stability_score_by_hand():

@@ -388,15 +388,18 @@ def export(
     pretrained: bool = common.pretrained_option(True),
     trust_remote_code: bool = common.TrustRemoteCode,
 ) -> None:
-    """Export both halves of a SAM: the image encoder (encoder.onnx) and the prompt encoder + mask decoder
-    with any number of points (decoder.onnx: 3 masks per prompt; decoder_single.onnx: one), with
-    sam_onnx.json describing the inputs. Needs onnx and onnxscript (cvfm's "onnx" extra).
+    """Export both halves of a SAM, SAM-HQ or SAM 2: the image encoder (encoder.onnx, with the extra
+    features SAM-HQ and SAM 2 decoders read) and the prompt encoder + mask decoder with any number of
+    points (decoder.onnx: 3 masks per prompt; decoder_single.onnx: one), with sam_onnx.json describing the
+    inputs. Needs onnx and onnxscript (cvfm's "onnx" extra).
 
     Examples:
 
       cvfm segment export cvfm/tiny-sam --onnx -o sam-onnx
 
       cvfm segment export hf/facebook/sam-vit-base --onnx -o sam-b-onnx
+
+      cvfm segment export hf/facebook/sam2.1-hiera-tiny --onnx -o sam2-onnx
     """
     from cvfm.cli.output import emit
     from cvfm.errors import UsageError

@@ -8,7 +8,9 @@ duplicates across crops preferring smaller crops, and optionally clean small isl
 
 The stability score is computed on the logits at the original size, as the reference does; only the
 predicted-IoU filter runs before upscaling (it reads the scores alone, so the masks upscaled for the
-survivors are those the reference keeps; tests/test_segment_auto.py checks it).
+survivors are those the reference keeps; tests/test_segment_auto.py checks it). Masks are run-length
+encoded only once box NMS has dropped the duplicates (the reference encodes every candidate), up to
+`PENDING_BYTES` of bit-packed masks a crop; the records are the same either way.
 
 `generate_masks_batch` sends the crops of several images through the encoder together: the masks are
 those of one image at a time, up to the encoder's float rounding in a larger batch.
@@ -32,7 +34,7 @@ from cvfm.errors import UsageError
 from cvfm.models.amg.crops import crop_boxes, layer_grids, near_crop_edge
 from cvfm.models.amg.masks import (
     clean_small_regions,
-    mask_boxes,
+    extent_boxes,
     nms,
     rle_area,
     stability_score,
@@ -72,12 +74,40 @@ class AutoSettings:
             )
 
 
+# Masks wait bit-packed, not run-length encoded, until NMS has dropped the duplicates: up to this many bytes
+# a crop (2 Gi pixels), beyond which every waiting mask is encoded at once.
+PENDING_BYTES = 256 * 2**20
+CPU_CHUNK = 8  # candidates upscaled and measured together on a CPU (see batch_candidates)
+
+
+@dataclass(frozen=True, eq=False)
+class Pending:
+    """The masks of one batch of prompts, not yet run-length encoded: (K, ceil(h w / 8)) uint8, each mask of
+    the (h, w) crop bit-packed, the crop at `offset` (x0, y0) of an image of `size` (H, W)."""
+
+    bits: np.ndarray
+    crop: tuple[int, int]  # (h, w)
+    offset: tuple[int, int]
+    size: tuple[int, int]
+
+    def encode(self, rows: list[int]) -> list[dict]:
+        """The COCO RLEs (of the whole image) of the masks at `rows`."""
+        (ch, cw), (x0, y0), (h, w) = self.crop, self.offset, self.size
+        masks = np.unpackbits(self.bits[rows], axis=1, count=ch * cw).reshape(len(rows), ch, cw)
+        if (ch, cw) != (h, w):
+            whole = np.zeros((len(rows), h, w), dtype=np.uint8)
+            whole[:, y0 : y0 + ch, x0 : x0 + cw] = masks
+            masks = whole
+        return encode_masks(masks)
+
+
 @dataclass
 class Candidates:
     """Masks of one image and what is known of each, in one order (tensors on the CPU; boxes x0, y0, x1, y1
-    inclusive, points x, y, both in pixels of the image)."""
+    inclusive, points x, y, both in pixels of the image). A mask is a COCO RLE, or (`Pending`, row) until
+    `encoded`."""
 
-    rles: list[dict]
+    rles: list[dict | tuple[Pending, int]]
     boxes: torch.Tensor  # (N, 4) int64
     iou: torch.Tensor  # (N,) predicted IoU
     stability: torch.Tensor  # (N,)
@@ -94,6 +124,24 @@ class Candidates:
     def cat(parts: list[Candidates]) -> Candidates:
         tensors = {f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(Candidates)[1:]}
         return Candidates(rles=[r for p in parts for r in p.rles], **tensors)
+
+    def pending_bytes(self) -> int:
+        return sum({id(r[0]): r[0].bits.nbytes for r in self.rles if isinstance(r, tuple)}.values())
+
+    def encoded(self) -> Candidates:
+        """These candidates with every mask a COCO RLE (each batch's pending masks encoded in one call)."""
+        groups: dict[int, tuple[Pending, list[int], list[int]]] = {}
+        for i, r in enumerate(self.rles):
+            if isinstance(r, tuple):
+                pending, row = r
+                _, rows, places = groups.setdefault(id(pending), (pending, [], []))
+                rows.append(row)
+                places.append(i)
+        rles = list(self.rles)
+        for pending, rows, places in groups.values():
+            for i, rle in zip(places, pending.encode(rows), strict=True):
+                rles[i] = rle
+        return replace(self, rles=rles)
 
 
 def generate_masks(
@@ -146,27 +194,54 @@ def crop_candidates(
     """The masks of one embedded crop, deduplicated by box NMS, in image pixels."""
     x0, y0, x1, y1 = crop_box
     points = torch.from_numpy(grid * np.array([x1 - x0, y1 - y0]))  # float64, crop pixels
-    batches = [
-        batch_candidates(segmenter, embedding, p, crop_box, image_size, s)
-        for p in points.split(s.points_per_batch)
-    ]
+    batches = []
+    for p in points.split(s.points_per_batch):
+        batches.append(batch_candidates(segmenter, embedding, p, crop_box, image_size, s))
+        if sum(b.pending_bytes() for b in batches) > PENDING_BYTES:  # memory first: encode what waits
+            batches = [b.encoded() for b in batches]
     found = Candidates.cat(batches)
-    return found.take(nms(found.boxes, found.iou, s.box_nms_thresh))
+    return found.take(nms(found.boxes, found.iou, s.box_nms_thresh)).encoded()
 
 
-def upscaled_candidates(
+def decoded_candidates(
     segmenter: Segmenter, embedding: ImageEmbedding, points: torch.Tensor, pred_iou_thresh: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Prompt each (P, 2) point alone (multimask): the (K, H, W) logits at the crop's size, the (K,)
-    predicted IoU and the (K, 2) points of the candidates with predicted IoU > `pred_iou_thresh`, in
-    prompt-major order. Only those are upscaled."""
+    """Prompt each (P, 2) point alone (multimask): the (K, h, w) low-resolution logits, the (K,) predicted
+    IoU and the (K, 2) points of the candidates with predicted IoU > `pred_iou_thresh`, in prompt-major
+    order. Only those are upscaled."""
     pred = segmenter.decode(embedding, points=points[:, None], multimask=True)
     low, iou = pred.low_res_logits.flatten(0, 1), pred.iou.flatten()
     points = points.repeat_interleave(pred.iou.shape[1], dim=0)
     if pred_iou_thresh > 0:
         keep = iou > pred_iou_thresh
         low, iou, points = low[keep], iou[keep], points[keep.cpu()]
-    return segmenter.upscale(low[:, None], embedding)[:, 0], iou, points
+    return low, iou, points
+
+
+@dataclass
+class Measured:
+    """Candidates upscaled to the crop's size and measured: which passed the stability filter (K,) bool,
+    their stability (k,), boxes (k, 4) in crop pixels and masks as `Pending` keeps them (k, ceil(h w / 8))."""
+
+    passed: torch.Tensor
+    stability: torch.Tensor
+    boxes: torch.Tensor
+    bits: np.ndarray
+
+
+def measure(segmenter: Segmenter, embedding: ImageEmbedding, low: torch.Tensor, s: AutoSettings) -> Measured:
+    """(K, h, w) low-resolution logits upscaled, scored for stability and, those that pass, thresholded."""
+    logits = segmenter.upscale(low[:, None], embedding)[:, 0]
+    stability = stability_score(logits, s.mask_threshold, s.stability_score_offset)
+    passed = stability >= s.stability_score_thresh
+    if s.stability_score_thresh <= 0:  # no filter, as the reference: NaN (an empty looser mask) stays too
+        passed = torch.ones_like(passed)
+    masks = logits[passed] > s.mask_threshold
+    pixels = masks.view(torch.uint8)  # the max of 0 / 1 bytes is `any`, many times faster than `any` itself
+    boxes = extent_boxes(pixels.amax(2), pixels.amax(1))
+    k, h, w = masks.shape
+    bits = np.packbits(masks.cpu().numpy().reshape(k, h * w), axis=1)
+    return Measured(passed, stability[passed], boxes, bits)
 
 
 def batch_candidates(
@@ -178,26 +253,27 @@ def batch_candidates(
     s: AutoSettings,
 ) -> Candidates:
     """One batch of point prompts in a crop: the masks passing the predicted-IoU and stability filters
-    and not cut off by the crop's edge, placed in the whole image."""
-    logits, iou, points = upscaled_candidates(segmenter, embedding, points, s.pred_iou_thresh)
-    stability = stability_score(logits, s.mask_threshold, s.stability_score_offset)
-    if s.stability_score_thresh > 0:
-        keep = stability >= s.stability_score_thresh
-        logits, iou, points, stability = logits[keep], iou[keep], points[keep.cpu()], stability[keep]
-    masks = logits > s.mask_threshold
+    and not cut off by the crop's edge, placed in the whole image.
+
+    On a CPU the candidates are upscaled and measured CPU_CHUNK at a time, so that their full-size logits
+    stay in cache between the steps (1.6x faster than the whole batch at once; the same values)."""
+    low, iou, points = decoded_candidates(segmenter, embedding, points, s.pred_iou_thresh)
+    chunk = CPU_CHUNK if low.device.type == "cpu" else max(len(low), 1)
+    parts = [measure(segmenter, embedding, c, s) for c in low.split(chunk)]
+    parts = parts or [measure(segmenter, embedding, low, s)]  # no candidate: empty parts of the right shapes
+    passed = torch.cat([p.passed for p in parts])
     x0, y0, x1, y1 = crop_box
-    boxes = mask_boxes(masks) + torch.tensor([x0, y0, x0, y0], device=masks.device)
+    boxes = torch.cat([p.boxes for p in parts]) + torch.tensor([x0, y0, x0, y0], device=low.device)
     keep = ~near_crop_edge(boxes, crop_box, image_size)
-    masks = masks[keep].cpu().numpy()
-    whole = np.zeros((len(masks), *image_size), dtype=bool)
-    whole[:, y0:y1, x0:x1] = masks
-    n = len(masks)
+    bits = np.concatenate([p.bits for p in parts])
+    pending = Pending(bits[keep.cpu().numpy()], (y1 - y0, x1 - x0), (x0, y0), image_size)
+    n = len(pending.bits)
     return Candidates(
-        rles=encode_masks(whole),
+        rles=[(pending, i) for i in range(n)],
         boxes=boxes[keep].cpu(),
-        iou=iou[keep].float().cpu(),
-        stability=stability[keep].cpu(),
-        points=points[keep.cpu()] + torch.tensor([x0, y0]),
+        iou=iou[passed][keep].float().cpu(),
+        stability=torch.cat([p.stability for p in parts])[keep].cpu(),
+        points=points[passed.cpu()][keep.cpu()] + torch.tensor([x0, y0]),
         crop_boxes=torch.tensor([crop_box] * n, dtype=torch.long).reshape(n, 4),
     )
 
