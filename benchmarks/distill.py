@@ -348,8 +348,7 @@ def targets(by_role: dict[str, list[dict]]) -> list[str]:
         f"({r['epochs']} epochs, from a {c['train_s']:.0f} s one-epoch calibration run)"
         + (
             f"; MISMATCHED: from scratch had {r['train_s'] / kd['train_s']:.2f}x the distillation's time "
-            "(the "
-            "machine's load changed between the runs: rerun on an idle machine)"
+            "(the machine's load changed between the runs: rerun on an idle machine)"
             if abs(r["train_s"] / kd["train_s"] - 1) > 0.2 and r["epochs"] > 1
             else ""
         )

@@ -328,3 +328,9 @@ def test_records_equal_segment_anythings_own_generator(tiny, pending_bytes, monk
             theirs = generator.generate(np.array(image))
         ours = generate_masks(segmenter, image, settings)
         assert len(ours) > 0 and ours == theirs
+
+
+def test_no_candidate_left_by_either_filter_gives_no_records(tiny):
+    photo = _photo(99, 61, 5)
+    assert generate_masks(tiny, photo, replace(TINY, pred_iou_thresh=5.0)) == []  # IoU filter: none decoded
+    assert generate_masks(tiny, photo, replace(TINY, pred_iou_thresh=0, stability_score_thresh=1.01)) == []

@@ -259,8 +259,7 @@ def batch_candidates(
     stay in cache between the steps (1.6x faster than the whole batch at once; the same values)."""
     low, iou, points = decoded_candidates(segmenter, embedding, points, s.pred_iou_thresh)
     chunk = CPU_CHUNK if low.device.type == "cpu" else max(len(low), 1)
-    parts = [measure(segmenter, embedding, c, s) for c in low.split(chunk)]
-    parts = parts or [measure(segmenter, embedding, low, s)]  # no candidate: empty parts of the right shapes
+    parts = [measure(segmenter, embedding, c, s) for c in low.split(chunk)]  # none left: one empty part
     passed = torch.cat([p.passed for p in parts])
     x0, y0, x1, y1 = crop_box
     boxes = torch.cat([p.boxes for p in parts]) + torch.tensor([x0, y0, x0, y0], device=low.device)
