@@ -18,7 +18,8 @@ training set). In two phases:
    of the EMA methods (BYOL, DINO, iBOT, DINOv2: the papers' EMA and crop scales, and slower / milder
    ones) is pre-trained on the rest (--select-seeds, default seed 0) and scored on "val". The rule,
    fixed before any run: the candidate with the highest validation k-NN + linear top-1 is selected; a
-   tie goes to the paper's. SimCLR and MAE have one candidate, their defaults.
+   tie goes to the paper's. SimCLR and MAE have one candidate, their defaults. --skip-validation: none of
+   this, the papers' defaults go on test (a later run without it reuses those test runs).
 2. Test. Each method's selected candidate (and the papers' defaults with --paper-on-test) is
    pre-trained on the whole train split for every seed of --seeds (default 0, 1, 2) and scored on the
    test split, as are the random-init encoder (the exact starting point of the run with the same seed:
@@ -418,7 +419,7 @@ def quality(args, workdir: Path) -> list[dict]:
         records.append(record)
         done.add(run_key(spec))
 
-    graded = [m for m in args.methods if len(GRID[m]) > 1]
+    graded = [m for m in args.methods if len(GRID[m]) > 1 and not args.skip_validation]
     if graded:
         manifest = write_val_split(args.data, args.val_size, workdir / "val-split")
         for seed in args.select_seeds:
@@ -945,6 +946,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--seeds", default=None, help="training seeds of the test runs (default 0,1,2; quick 0)")
     p.add_argument("--select-seeds", default="0", help="training seeds of the validation runs (default 0)")
+    p.add_argument(
+        "--skip-validation",
+        action="store_true",
+        help="no validation phase: the papers' defaults go on test (a later run without this flag adds the "
+        "validation runs and reuses these test runs)",
+    )
     p.add_argument(
         "--val-size",
         type=int,

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job on built-in data: pre-train SimCLR on Animal-MNIST (about 8 minutes on 2 CPU cores), then
+# The main job on built-in data: pre-train SimCLR on Animal-MNIST (about 5 minutes on 2 CPU cores), then
 # compare k-NN and linear-probe top-1 of raw pixels, the random-init encoder and the SimCLR encoder.
 #   EPOCHS=40 OUT=runs/demo-simclr bash examples/demo.sh   (or: EPOCHS=40 make demo)
 set -euo pipefail

@@ -16,7 +16,7 @@ from cvfm.data.builtin import ANIMAL_CLASSES, _NumpyOnlyUnpickler, split_indices
 from cvfm.data.decode import DecodeError, decode_image
 from cvfm.data.loader import ImageDataset, SkipLog, Skipped, collate
 from cvfm.data.sources import DataError, open_source, relabel, subset
-from cvfm.data.views import Preprocess, two_views
+from cvfm.data.views import Channels, OneChannelIfGrey, Preprocess, multi_crop, two_views
 from cvfm.errors import UsageError
 
 BLUE, RED, WHITE = (10, 10, 200), (200, 10, 10), (255, 255, 255)
@@ -453,6 +453,39 @@ def test_seeded_dataset_leaves_global_rng_alone(noise_folder):
     torch.manual_seed(123)
     ds[0]
     assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("views", ["simclr", "dino-global-2", "dino-local"])
+def test_grey_images_are_augmented_as_one_channel(views):
+    """A grey image stored as RGB: three equal channels out, the same views as the image in mode "L" (one
+    channel all along, as torchvision augments it), within 4 uint8 levels of the plain three-channel
+    pipeline (its saturation, hue and grayscale round a grey image off), and the same crops. A colour image
+    goes through exactly the plain pipeline."""
+    pre = Preprocess(size=24, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    index = {"simclr": 0, "dino-global-2": 1, "dino-local": 2}[views]
+    t = (two_views(pre) if views == "simclr" else multi_crop(pre, local_crops=1, local_size=12)).transforms[
+        index
+    ]
+    plain = type(t)([op for op in t.transforms if not isinstance(op, (OneChannelIfGrey, Channels))])
+    std = torch.tensor(pre.std)[:, None, None]
+    rng = np.random.default_rng(0)
+    worst = 0.0
+    for seed in range(40):
+        grey = Image.fromarray(rng.integers(0, 256, (20, 28), dtype=np.uint8)).convert("RGB")
+        torch.manual_seed(seed)
+        view = t(grey)
+        torch.manual_seed(seed)
+        assert torch.equal(view, t(grey.convert("L")))
+        pixels = view * std + torch.tensor(pre.mean)[:, None, None]
+        assert view.shape[0] == 3 and torch.allclose(pixels, pixels[:1].expand_as(pixels), atol=1e-6)
+        torch.manual_seed(seed)
+        worst = max(worst, float(((view - plain(grey)) * std).abs().max()) * 255)
+        colour = Image.fromarray(rng.integers(0, 256, (20, 28, 3), dtype=np.uint8))
+        torch.manual_seed(seed)
+        mine = t(colour)
+        torch.manual_seed(seed)
+        assert torch.equal(mine, plain(colour))
+    assert 0 < worst <= 4.01
 
 
 def test_batch_carries_original_sizes_and_non_class_targets(tmp_path):

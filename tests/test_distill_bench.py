@@ -24,7 +24,7 @@ def test_config_of_the_default_command_line_names_the_dino_options():
 
 def test_a_teacher_is_shared_by_other_distillation_settings_only():
     base = bench.config_of(bench.parse_args([]))
-    longer = bench.config_of(bench.parse_args(["--epochs", "30", "--loss", "feature", "--loss", "dino"]))
+    longer = bench.config_of(bench.parse_args(["--epochs", "50", "--loss", "feature", "--loss", "dino"]))
     assert longer != base and bench.teacher_config(longer) == bench.teacher_config(base)
     other_teacher = bench.config_of(bench.parse_args(["--teacher-epochs", "5"]))
     assert bench.teacher_config(other_teacher) != bench.teacher_config(base)
@@ -52,16 +52,16 @@ def _record(
 
 def test_summary_shows_a_shared_teacher_and_flags_a_mismatched_wall_time():
     base = bench.config_of(bench.parse_args([]))
-    longer = bench.config_of(bench.parse_args(["--epochs", "30"]))
+    longer = bench.config_of(bench.parse_args(["--epochs", "50"]))
     records = [
         _record(base, "teacher", 88.0, 1000.0, 20),
-        _record(longer, "distilled", 86.0, 600.0, 30),
+        _record(longer, "distilled", 86.0, 600.0, 50),
         _record(longer, "calibration", None, 50.0, 1),
         _record(longer, "from scratch", 80.0, 300.0, 12),  # half the distillation's time: not a fair match
         _record(longer, "random init", 79.0),
     ]
     text = bench.summary(records)
-    assert text.count("\nteacher ") == 1 and "distilled 30 epochs" in text
+    assert text.count("\nteacher ") == 1 and "distilled 50 epochs" in text
     assert "+6.00 k-NN points (meets >= +3); teacher - distilled: +2.00 (meets <= 3)" in text
     assert "MISMATCHED: from scratch had 0.50x the distillation's time" in text
     records[3]["train_s"] = 590.0

@@ -78,6 +78,33 @@ def test_val_split_is_stratified_and_disjoint(tmp_path):
     assert np.array_equal(np.asarray(val.load(0)), np.asarray(train.load(i)))  # the same pixels
 
 
+def test_skip_validation_tests_the_papers_defaults_and_a_full_run_reuses_them(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run(spec, data, split, workdir, args):
+        calls.append(spec)
+        paper = spec["candidate"] == bench.GRID.get(spec["method"], ({},))[0]
+        return {**spec, "knn_top1": 50.0 + paper, "linear_top1": 50.0, "effective_rank": 1.0}
+
+    monkeypatch.setattr(bench, "run_one", fake_run)
+    monkeypatch.setattr(bench, "versions", dict)
+    monkeypatch.setattr(bench, "dino_out_dim", lambda args: 1024)
+    monkeypatch.setattr(bench, "write_val_split", lambda data, size, folder: "val.jsonl")
+    common = ["--model", "cvfm/tiny-vit", "--seeds", "0", "--results", str(tmp_path / "r.jsonl")]
+
+    bench.quality(bench.parse_args([*common, "--skip-validation"]), tmp_path)
+    assert {c["phase"] for c in calls} == {"test"}
+    tested = {c["method"]: c["candidate"] for c in calls}
+    assert tested == {"random init": None, "raw pixels": None} | {
+        m: bench.GRID[m][0] for m in bench.FAMILIES[bench.VIT]["methods"]
+    }
+
+    calls.clear()  # the full protocol adds the validation runs; the papers' defaults win them here
+    bench.quality(bench.parse_args(common), tmp_path)
+    assert {c["phase"] for c in calls} == {"val"}
+    assert len(calls) == 1 + sum(len(bench.GRID[m]) for m in ("dino", "ibot", "dinov2"))
+
+
 def _run(phase, method, seed, knn, linear, cand=None, rank=10.0, **config):
     # no "model" / "finetune_epochs": a results file written before --model, read as cvfm/tiny-resnet
     config = {"data": "d", "epochs": 2, "batch_size": 8, "lr": None, "val_size": 10, **config}

@@ -5,6 +5,11 @@ asymmetric blur/solarize), DINO's multi-crop (Caron et al. 2021, main_dino.py) a
 (He et al. 2022, main_pretrain.py). Blur is only used
 for images of 64 px and more, as solo-learn's CIFAR recipes do: on tiny images it erases the content.
 The evaluation transform is `Preprocess.transform()` (cvfm/data/preprocess.py; importable from here too).
+
+A grey image stored as RGB (three equal channels: MNIST, Animal-MNIST, scans) is augmented as one channel
+and repeated at the end. That is what torchvision does for a one-channel image: saturation, hue and
+grayscale leave it as it is, where on three equal channels they cost most of a view's time and only
+move values by a few levels of uint8 rounding. The random draws, and so the crops, are the same.
 """
 
 from __future__ import annotations
@@ -17,9 +22,33 @@ from torchvision.transforms import v2 as T
 from cvfm.data.preprocess import Preprocess
 
 
+class OneChannelIfGrey(T.Transform):
+    """An image tensor whose three channels are equal, as its first channel (1, H, W); else unchanged."""
+
+    def transform(self, inpt, params):
+        first = inpt[..., :1, :, :]
+        if inpt.shape[-3] == 3 and bool((inpt[..., 1:, :, :] == first).all()):
+            return first
+        return inpt
+
+
+class Channels(T.Transform):
+    """A one-channel image tensor repeated to `n` channels (the model's); others unchanged."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n = n
+
+    def transform(self, inpt, params):
+        if inpt.shape[-3] == 1 and self.n != 1:
+            return inpt.expand(*inpt.shape[:-3], self.n, *inpt.shape[-2:])
+        return inpt
+
+
 def _augment(pre: Preprocess, size: int, scale: tuple[float, float], blur_p: float, solarize_p: float):
     ops = [
         T.ToImage(),
+        OneChannelIfGrey(),
         T.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC, antialias=True),
         T.RandomHorizontalFlip(),
         T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
@@ -30,7 +59,7 @@ def _augment(pre: Preprocess, size: int, scale: tuple[float, float], blur_p: flo
         ops.append(T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_p))
     if solarize_p > 0:
         ops.append(T.RandomSolarize(threshold=128, p=solarize_p))
-    ops += [T.ToDtype(torch.float32, scale=True), T.Normalize(pre.mean, pre.std)]
+    ops += [Channels(len(pre.mean)), T.ToDtype(torch.float32, scale=True), T.Normalize(pre.mean, pre.std)]
     return T.Compose(ops)
 
 
@@ -80,7 +109,7 @@ def copy_edit(pre: Preprocess, *, min_scale: float = 0.08, jpeg_p: float = 0.2) 
     a quarter turn (p 0.05), any rotation (p 0.05), a random resized crop, colour jitter 0.8/0.8/0.8/0.2
     (p 0.8), grayscale (p 0.2), blur of radius 1-5 (p 0.5; 64 px and more), JPEG at quality 1-100."""
     quarter_turns = [T.RandomRotation((angle, angle)) for angle in (90, 180, 270)]
-    ops = [
+    ops = [  # on three channels even for a grey image: JPEG codes one channel differently
         T.ToImage(),
         T.RandomHorizontalFlip(),
         T.RandomApply([T.RandomChoice(quarter_turns)], p=0.05),
