@@ -168,7 +168,7 @@ def benchmark(args, workdir: Path) -> list[dict]:
     config = config_of(args)
     teachers_dir = workdir / _digest(teacher_config(config))
     workdir = workdir / _digest(config)
-    everything = ssl_bench.load_records(results)
+    everything = ssl_bench.load_records(results, legacy={})
     records = [r for r in everything if r["config"] == config]
     records += [
         r
@@ -444,7 +444,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.summarise:
-        say(summary(ssl_bench.load_records(Path(args.summarise)), markdown=args.markdown))
+        say(summary(ssl_bench.load_records(Path(args.summarise), legacy={}), markdown=args.markdown))
         return 0
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()

@@ -218,15 +218,16 @@ def run_key(r: dict) -> str:
     return json.dumps([r["config"], r["phase"], r["method"], r["options"], r["seed"]], sort_keys=True)
 
 
-def load_records(path: Path) -> list[dict]:
-    """The finished runs in a results file (a line cut short by a crash is ignored)."""
+def load_records(path: Path, legacy: dict = LEGACY_CONFIG) -> list[dict]:
+    """The finished runs in a results file (a line cut short by a crash is ignored), their configs completed
+    with `legacy` (what a file written before a config key existed ran with)."""
     records = []
     if path.exists():
         for line in path.read_text().splitlines():
             with contextlib.suppress(ValueError):
                 records.append(json.loads(line))
     for r in records:
-        r["config"] = {**LEGACY_CONFIG, **r["config"]}
+        r["config"] = {**legacy, **r["config"]}
     return records
 
 

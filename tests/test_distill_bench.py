@@ -4,6 +4,7 @@ there), the teacher shared by runs of other distillation settings, and the match
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "distill.py"
@@ -66,3 +67,24 @@ def test_summary_shows_a_shared_teacher_and_flags_a_mismatched_wall_time():
     assert "MISMATCHED: from scratch had 0.50x the distillation's time" in text
     records[3]["train_s"] = 590.0
     assert "MISMATCHED" not in bench.summary(records)
+
+
+def test_a_rerun_reuses_every_finished_run_of_its_configuration(tmp_path, monkeypatch):
+    """Nothing trains again when the results file holds the seed's runs (the configs read back as written:
+    no keys of the SSL benchmark's legacy configs added)."""
+    args = bench.parse_args(["--results", str(tmp_path / "r.jsonl"), "--seeds", "0"])
+    config = bench.config_of(args)
+    teacher_run = tmp_path / "teacher"
+    (teacher_run / "backbone").mkdir(parents=True)
+    records = [{**_record(config, "teacher", 88.0, 100.0, 20), "model": str(teacher_run)}]
+    records += [_record(config, role, 80.0, 50.0, 1) for role in ("distilled", "from scratch")]
+    records.append({**_record(config, "calibration", None, 20.0, 1), "epoch_s": 15.0})
+    records += [_record(config, "random init", 79.0), _record(config, "speed")]
+    Path(args.results).write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    def train(*_):
+        raise AssertionError("a finished run was trained again")
+
+    for name in ("dino", "distilled", "step_speed"):
+        monkeypatch.setattr(bench, name, train)
+    assert len(bench.benchmark(args, tmp_path / "work")) == len(records)
