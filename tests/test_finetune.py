@@ -179,8 +179,10 @@ def test_full_finetune_trains_a_classifier_that_reloads(tmp_path):
     assert record["method_config"] == {
         "augment": False,
         "min_scale": 0.8,
+        "optimizer": "sgd",
         "momentum": 0.9,
         "weight_decay": 5e-4,
+        "layer_decay": 1.0,
         "label_smoothing": 0.0,
     }
     assert record["data"]["images"] == 359 and len(record["data"]["classes"]) == 10
@@ -230,9 +232,69 @@ def test_supervised_default_recipe_and_classifier_monitor(tmp_path, digit_folder
     assert monitored[-1]["monitor/top1"] == pytest.approx(classifier_top1(run, test), abs=1e-6)
 
 
-def test_interrupted_finetune_resumes_to_identical_weights(tmp_path, digit_folder):
-    cfg = dict(data=str(digit_folder), split="train", batch_size=32, epochs=2)  # 4 steps an epoch
+def _supervised(model: str, **options):
+    from cvfm.methods import Budget
+    from cvfm.methods.supervised import Supervised, SupervisedConfig
+
+    torch.manual_seed(0)
+    encoder = create_encoder(model)
+    classifier = Classifier(encoder, LinearHead(encoder.num_features, 4), list("abcd"), frozen=False)
+    return Supervised(classifier, SupervisedConfig(**options), Budget(64, 1, 1, 32))
+
+
+def test_layer_decay_groups_are_timms_with_the_head_at_full_lr():
+    """AdamW + layer decay on a ViT: the head at lr x 1, the backbone one level below it, each parameter's
+    scale and weight decay as timm's param_groups_layer_decay groups them; by hand, MAE's / BEiT's scales."""
+    from timm.optim import param_groups_layer_decay
+
+    method = _supervised("cvfm/tiny-vit", optimizer="adamw", layer_decay=0.5)
+    assert method.weight_decay == (0.05, 0.05) and method.peak_lr(512) == pytest.approx(1e-3)
+    groups = method.param_groups()
+    got = {id(p): (g["lr_scale"], g["weight_decay"], g["apply_wd"]) for g in groups for p in g["params"]}
+    trainable = [p for p in method.parameters() if p.requires_grad]
+    assert sum(len(g["params"]) for g in groups) == len(trainable) and set(got) == {id(p) for p in trainable}
+    vit = method.encoder.encoder.model
+    reference = param_groups_layer_decay(
+        vit, weight_decay=0.05, no_weight_decay_list=vit.no_weight_decay(), layer_decay=0.5
+    )
+    for g in reference:
+        for p in g["params"]:
+            assert got[id(p)] == (g["lr_scale"] * 0.5, g["weight_decay"], g["weight_decay"] > 0)
+    depth = len(vit.blocks)
+    assert got[id(vit.patch_embed.proj.weight)] == (0.5 ** (depth + 1), 0.05, True)
+    assert got[id(vit.pos_embed)][:2] == (0.5 ** (depth + 1), 0.0)  # no_weight_decay(): not decayed
+    assert got[id(vit.blocks[-1].mlp.fc1.weight)] == (0.5, 0.05, True)
+    assert got[id(vit.blocks[0].mlp.fc1.bias)] == (0.5**depth, 0.0, False)
+    assert got[id(vit.norm.weight)] == (0.5, 0.0, False)  # timm keeps it with the last block
+    head = method.encoder.head.linear
+    assert got[id(head.weight)] == (1.0, 0.05, True) and got[id(head.bias)] == (1.0, 0.0, False)
+
+
+def test_sgd_recipe_is_one_group_and_layer_decay_needs_a_timm_backbone():
+    method = _supervised("cvfm/tiny-resnet")
+    (group,) = method.param_groups()
+    assert group["apply_wd"] and len(group["params"]) == len(list(method.parameters()))
+    assert method.weight_decay == (5e-4, 5e-4) and method.peak_lr(256) == pytest.approx(0.1)
+    sgd = _supervised("cvfm/tiny-resnet", layer_decay=0.5).param_groups()  # SGD decays every parameter
+    assert {g["weight_decay"] for g in sgd} == {5e-4} and min(g["lr_scale"] for g in sgd) < 0.5**3
+    with pytest.raises(UsageError, match="layer decay needs a timm backbone"):
+        _supervised("cvfm/pixels", layer_decay=0.5).param_groups()
+    with pytest.raises(UsageError, match="optimizer must be one of sgd, adamw, not 'adam'"):
+        _supervised("cvfm/tiny-resnet", optimizer="adam")
+
+
+@pytest.mark.parametrize("recipe", [{}, {"optimizer": "adamw", "layer_decay": 0.5}], ids=["sgd", "adamw"])
+def test_interrupted_finetune_resumes_to_identical_weights(tmp_path, digit_folder, recipe):
+    cfg = dict(data=str(digit_folder), split="train", batch_size=32, epochs=2, **recipe)  # 4 steps an epoch
     full = finetune(_cfg(tmp_path / "full", **cfg))
+    optimizer = torch.load(next((full / "checkpoints").glob("step-*")) / "optimizer.pt", weights_only=True)
+    groups = optimizer["param_groups"]
+    if recipe:  # AdamW, each group at the step's lr x its layer's scale (stem 0.5^(n+1) ... head 1)
+        assert {round(g["lr"] / g["lr_scale"], 12) for g in groups} == {round(groups[-1]["lr"], 12)}
+        scales = sorted({g["lr_scale"] for g in groups}, reverse=True)
+        assert len(scales) > 4 and scales == [0.5**k for k in range(len(scales))] and "betas" in groups[0]
+    else:
+        assert len(groups) == 1 and groups[0]["momentum"] == 0.9
 
     def ctrl_c(step):
         if step == 5:
@@ -419,5 +481,11 @@ def test_finetune_cli_usage_errors(tmp_path, cli, image_folder, make_image):
     assert_usage_error(r, "nope.txt", "does not exist")
     r = cli("finetune", "-o", tmp_path / "f")
     assert_usage_error(r, "--data is required")
-    for name in "abcdef":
+    r = cli("finetune", "--data", image_folder, "--split", "", "--optimizer", "adam", "-o", tmp_path / "g")
+    assert_usage_error(r, "optimizer must be one of sgd, adamw, not 'adam'")
+    r = cli("finetune", "--data", image_folder, "--split", "", "--layer-decay", "0", "-o", tmp_path / "h")
+    assert_usage_error(r, "layer decay must be in (0, 1], not 0.0")
+    r = cli("finetune", "--data", image_folder, "--freeze", "--layer-decay", "0.7", "-o", tmp_path / "i")
+    assert_usage_error(r, "--optimizer and --layer-decay are for full fine-tuning")
+    for name in "abcdefghi":
         assert not (tmp_path / name).exists(), name

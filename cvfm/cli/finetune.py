@@ -29,10 +29,24 @@ def finetune(
     lr: float = typer.Option(
         None,
         "--lr",
-        help="Peak learning rate (default: full fine-tuning 0.1 x batch / 256 with SGD; frozen linear head: "
-        "the linear probe's sweep on a 10% validation split).",
+        help="Peak learning rate (default: full fine-tuning 0.1 x batch / 256 with sgd, 5e-4 x batch / 256 "
+        "with adamw; frozen linear head: the linear probe's sweep on a 10% validation split).",
     ),
-    weight_decay: float = typer.Option(5e-4, "--weight-decay", min=0.0),
+    weight_decay: float = typer.Option(
+        None, "--weight-decay", min=0.0, help="Default: 5e-4 with sgd (every parameter), 0.05 with adamw."
+    ),
+    optimizer: str = typer.Option(
+        "sgd",
+        "--optimizer",
+        help="Full fine-tuning: sgd (momentum 0.9, the unlearning papers' recipe) or adamw (MAE's "
+        "fine-tuning recipe for a ViT; biases, norms, position embeddings not decayed).",
+    ),
+    layer_decay: float = typer.Option(
+        1.0,
+        "--layer-decay",
+        help="Layer-wise lr decay for a timm backbone (block i of n at lr x decay^(n+1-i); MAE's ViT-B "
+        "0.65, BEiT 0.65-0.75); 1: none.",
+    ),
     no_augment: bool = typer.Option(
         False, "--no-augment", help="Train on the evaluation transform (no random crop and flip)."
     ),
@@ -53,7 +67,8 @@ def finetune(
 ) -> None:
     """Train a classifier: fine-tune the whole backbone with a linear head (cross-entropy, SGD momentum 0.9,
     lr 0.1 x batch / 256, weight decay 5e-4, cosine: the recipe of the unlearning papers' original
-    models), or fit a linear or k-NN head on a frozen backbone's features.
+    models; or, for a ViT, --optimizer adamw --layer-decay 0.65: MAE's), or fit a linear or k-NN head on a
+    frozen backbone's features.
 
     Writes run.json (the recipe under "finetune", what was left out under "excluded") and classifier/
     (classifier.json, backbone/, head.safetensors), loadable by `cvfm.registry.create_classifier(run)`;
@@ -65,6 +80,8 @@ def finetune(
     Examples:
 
       cvfm finetune --data builtin:digits --epochs 30 -o runs/clf
+
+      cvfm finetune --data builtin:animal-mnist --model runs/mae --optimizer adamw --layer-decay 0.65 -o ft
 
       cvfm finetune --data photos/ --split '' --model timm/resnet18 --pretrained --freeze -o runs/probe
 
@@ -92,6 +109,8 @@ def finetune(
         batch_size=batch_size,
         lr=lr,
         weight_decay=weight_decay,
+        optimizer=optimizer,
+        layer_decay=layer_decay,
         augment=not no_augment,
         precision=precision,
         seed=seed,

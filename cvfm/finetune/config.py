@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from cvfm.errors import UsageError
+from cvfm.methods.supervised import SupervisedConfig
 from cvfm.pretrain.config import PretrainConfig
 from cvfm.runtime.precision import training_precision
 from cvfm.runtime.run_dir import RunDir
@@ -27,8 +28,10 @@ class FinetuneConfig:
     freeze: bool = False  # frozen backbone: features once (eval transform), head fitted on them
     epochs: int = 30
     batch_size: int = 128
-    lr: float | None = None  # full: 0.1 x batch / 256 (SGD); frozen linear: the probe's sweep
-    weight_decay: float = 5e-4  # Jia et al. 2023 / SalUn
+    lr: float | None = None  # full: the optimizer's recipe (SGD 0.1 x batch / 256); frozen: the probe's sweep
+    weight_decay: float | None = None  # full: the optimizer's recipe (SGD 5e-4); frozen with --lr: 5e-4
+    optimizer: str = "sgd"  # full fine-tuning: "sgd" (Jia et al. 2023 / SalUn) | "adamw" (MAE's recipe)
+    layer_decay: float = 1.0  # full fine-tuning, a timm backbone: layer-wise lr decay (MAE's ViT-B: 0.65)
     augment: bool = True  # full fine-tuning: RandomResizedCrop(0.8, 1) + flip
     precision: str = "fp32"
     seed: int = 0
@@ -80,6 +83,9 @@ def check(cfg: FinetuneConfig) -> None:
     training_precision(cfg.precision)  # refuses an unknown one
     if not cfg.data:
         raise UsageError("--data is required (unless --resume continues an existing run)")
+    SupervisedConfig(optimizer=cfg.optimizer, layer_decay=cfg.layer_decay)  # refuses an unknown one
+    if cfg.frozen and (cfg.optimizer != "sgd" or cfg.layer_decay != 1.0):
+        raise UsageError("--optimizer and --layer-decay are for full fine-tuning, not a frozen backbone")
     if cfg.head == "knn" and cfg.k < 1:
         raise UsageError(f"--k must be at least 1, got {cfg.k}")
 
@@ -106,5 +112,10 @@ def pretrain_config(cfg: FinetuneConfig) -> PretrainConfig:
         resume=cfg.resume,
         exclude=cfg.exclude,
         ledger=cfg.ledger,
-        options={"augment": cfg.augment, "weight_decay": cfg.weight_decay},
+        options={
+            "augment": cfg.augment,
+            "optimizer": cfg.optimizer,
+            "weight_decay": cfg.weight_decay,
+            "layer_decay": cfg.layer_decay,
+        },
     )

@@ -120,5 +120,5 @@ def fit_frozen_classifier(
 def _choose_lr(x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: FinetuneConfig):
     """(lr, weight decay, validation top-1): cfg's, or the best of the linear probe's sweep (seeded)."""
     if cfg.lr is not None:
-        return cfg.lr, cfg.weight_decay, None
+        return cfg.lr, 5e-4 if cfg.weight_decay is None else cfg.weight_decay, None
     return sweep_linear(x, y, num_classes, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed)

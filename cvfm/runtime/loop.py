@@ -241,7 +241,7 @@ class Trainer:
         acc, core, step = self.accelerator, self.core, self.step
         torch.manual_seed((self.settings.seed * 1_000_003 + step) * 1009 + acc.process_index)
         for group in self.optimizer.param_groups:
-            group["lr"] = float(self.lrs[step])
+            group["lr"] = float(self.lrs[step]) * group.get("lr_scale", 1.0)  # layer-wise decay
             if group.get("apply_wd", True):
                 group["weight_decay"] = float(self.wds[step])
         with acc.accumulate(self.method):

@@ -19,7 +19,8 @@ class TrainingMethod(Protocol):
     with `encoder.save` as the run's `export_dir`. `frozen_teacher` (or None) is a module the method uses
     but never trains: it is kept out of the module tree, so it is neither checkpointed, exported, wrapped
     for DDP nor converted to SyncBatchNorm; the loop moves it to the device, in eval mode, without grad.
-    Optimizer param groups with `apply_wd` get the step's weight decay from the `weight_decay` schedule.
+    Optimizer param groups with `apply_wd` get the step's weight decay from the `weight_decay` schedule,
+    and each group the step's lr x its `lr_scale` (default 1; layer-wise lr decay).
     """
 
     encoder: nn.Module
