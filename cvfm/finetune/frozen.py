@@ -17,6 +17,7 @@ from cvfm.eval.features import extract_features
 from cvfm.eval.linear import sweep_linear, train_linear
 from cvfm.finetune.config import FinetuneConfig, recipe
 from cvfm.finetune.data import open_training_data
+from cvfm.methods.supervised import RECIPES
 from cvfm.models.classifier import Classifier, KnnHead, LinearHead, class_names
 from cvfm.models.encoder import Encoder
 from cvfm.registry import create_encoder
@@ -120,5 +121,5 @@ def fit_frozen_classifier(
 def _choose_lr(x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: FinetuneConfig):
     """(lr, weight decay, validation top-1): cfg's, or the best of the linear probe's sweep (seeded)."""
     if cfg.lr is not None:
-        return cfg.lr, 5e-4 if cfg.weight_decay is None else cfg.weight_decay, None
+        return cfg.lr, RECIPES["sgd"][1] if cfg.weight_decay is None else cfg.weight_decay, None
     return sweep_linear(x, y, num_classes, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed)

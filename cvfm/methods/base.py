@@ -105,15 +105,19 @@ class Method(nn.Module, abc.ABC):
 
     def param_groups(self) -> list[dict]:
         """Trainable parameters; biases and norm weights get no weight decay (as in DINO and timm)."""
-        decay, no_decay = [], []
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+        decay, no_decay = split_decay((n, p) for n, p in self.named_parameters() if p.requires_grad)
         return [
             {"params": decay, "apply_wd": True},
             {"params": no_decay, "weight_decay": 0.0, "apply_wd": False},
         ]
+
+
+def split_decay(named_parameters) -> tuple[list, list]:
+    """(decayed, not decayed): biases and norm weights (1-d) get no weight decay, as in DINO and timm."""
+    decay, no_decay = [], []
+    for name, p in named_parameters:
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return decay, no_decay
 
 
 def need(batch: dict, key: str, message: str):

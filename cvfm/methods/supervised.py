@@ -26,7 +26,7 @@ from torchvision.transforms import v2 as T
 
 from cvfm.data.views import MultiView, Preprocess
 from cvfm.errors import UsageError
-from cvfm.methods.base import Method, need
+from cvfm.methods.base import Method, need, split_decay
 
 # optimizer: (peak lr at batch 256, scaled linearly with the batch; weight decay)
 RECIPES = {
@@ -139,9 +139,8 @@ class Supervised(Method):
             group["apply_wd"] = group["weight_decay"] > 0
         covered = {id(p) for group in groups for p in group["params"]}
         rest = [(n, p) for n, p in self.named_parameters() if p.requires_grad and id(p) not in covered]
-        for decayed in (True, False):  # the head (and anything outside the timm model) at lr x 1
-            params = [p for n, p in rest if decayed == (not adamw or (p.ndim > 1 and not n.endswith("bias")))]
+        decay, no_decay = split_decay(rest) if adamw else ([p for _, p in rest], [])
+        for params, wd in ((decay, self.cfg.weight_decay), (no_decay, 0.0)):  # the head, outside timm's model
             if params:
-                wd = self.cfg.weight_decay if decayed else 0.0
-                groups.append({"params": params, "lr_scale": 1.0, "weight_decay": wd, "apply_wd": decayed})
+                groups.append({"params": params, "lr_scale": 1.0, "weight_decay": wd, "apply_wd": wd > 0})
         return groups
