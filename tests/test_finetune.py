@@ -270,7 +270,7 @@ def test_layer_decay_groups_are_timms_with_the_head_at_full_lr():
     assert got[id(head.weight)] == (1.0, 0.05, True) and got[id(head.bias)] == (1.0, 0.0, False)
 
 
-def test_sgd_recipe_is_one_group_and_layer_decay_needs_a_timm_backbone():
+def test_sgd_recipe_is_one_group_and_layer_decay_needs_a_timm_backbone(tmp_path):
     method = _supervised("cvfm/tiny-resnet")
     (group,) = method.param_groups()
     assert group["apply_wd"] and len(group["params"]) == len(list(method.parameters()))
@@ -281,6 +281,9 @@ def test_sgd_recipe_is_one_group_and_layer_decay_needs_a_timm_backbone():
         _supervised("cvfm/pixels", layer_decay=0.5).param_groups()
     with pytest.raises(UsageError, match="optimizer must be one of sgd, adamw, not 'adam'"):
         _supervised("cvfm/tiny-resnet", optimizer="adam")
+    with pytest.raises(UsageError, match="layer decay needs a timm backbone"):  # before the run exists
+        finetune(_cfg(tmp_path / "pixels", model="cvfm/pixels", layer_decay=0.5, epochs=1))
+    assert not (tmp_path / "pixels").exists()
 
 
 @pytest.mark.parametrize("recipe", [{}, {"optimizer": "adamw", "layer_decay": 0.5}], ids=["sgd", "adamw"])

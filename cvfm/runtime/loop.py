@@ -127,13 +127,13 @@ class Trainer:
         self.global_batch_norm = world > 1 and acc.device.type == "cpu"
         if world > 1 and acc.device.type == "cuda":
             method = convert_sync_batchnorm(method)
-        self.run.create()  # only now that the request is known to be valid
         self.budget = budget
         lr = settings.lr or method.peak_lr(budget.batch_size)
         warmup = min(int(settings.warmup_epochs * budget.steps_per_epoch), int(0.1 * budget.total_steps))
         self.lrs = cosine(lr, settings.min_lr, budget.total_steps, warmup_steps=warmup)
         self.wds = cosine(*method.weight_decay, budget.total_steps)
-        optimizer = method.make_optimizer(lr)
+        optimizer = method.make_optimizer(lr)  # may refuse the request (a layer decay without layers)
+        self.run.create()  # only now that the request is known to be valid
         self.dataset = ImageDataset(source, method.views(), seed=settings.seed)
         loader = DataLoader(
             self.dataset,
